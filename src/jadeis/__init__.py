@@ -1,0 +1,34 @@
+"""jadeis: gradients through diffusion sampling in JAX (AdjointDEIS and exact discrete adjoints)."""
+
+from ._adjoint import (
+    AbstractAdjoint as AbstractAdjoint,
+    AdjointDEIS as AdjointDEIS,
+    Backprop as Backprop,
+    DiscreteAdjoint as DiscreteAdjoint,
+)
+from ._conditioning import ConditioningFn as ConditioningFn, PerStep as PerStep
+from ._grid import time_grid as time_grid
+from ._parameterisation import as_eps_fn as as_eps_fn
+from ._sample import (
+    AdjointResult as AdjointResult,
+    sample as sample,
+    solve_adjoint as solve_adjoint,
+)
+from ._schedule import (
+    AbstractSchedule as AbstractSchedule,
+    DiscreteVP as DiscreteVP,
+    RectifiedFlow as RectifiedFlow,
+    VE as VE,
+    VPCosine as VPCosine,
+    VPLinear as VPLinear,
+)
+from ._solver import (
+    DDIM as DDIM,
+    AbstractSolver as AbstractSolver,
+    DPMSolver as DPMSolver,
+    DPMSolverPP as DPMSolverPP,
+    SDEDPMSolver as SDEDPMSolver,
+    SDEDPMSolverPP as SDEDPMSolverPP,
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,10 @@
+from .base import (
+    AbstractDataSolver as AbstractDataSolver,
+    AbstractNoiseSolver as AbstractNoiseSolver,
+    AbstractSolver as AbstractSolver,
+    StepCoefficients as StepCoefficients,
+)
+from .ddim import DDIM as DDIM
+from .dpm_solver import DPMSolver as DPMSolver
+from .dpm_solver_pp import DPMSolverPP as DPMSolverPP
+from .sde import SDEDPMSolver as SDEDPMSolver, SDEDPMSolverPP as SDEDPMSolverPP
