@@ -15,10 +15,10 @@ from ._sample import (
     solve_adjoint as solve_adjoint,
 )
 from ._schedule import (
+    VE as VE,
     AbstractSchedule as AbstractSchedule,
     DiscreteVP as DiscreteVP,
     RectifiedFlow as RectifiedFlow,
-    VE as VE,
     VPCosine as VPCosine,
     VPLinear as VPLinear,
 )

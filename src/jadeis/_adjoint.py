@@ -1,4 +1,4 @@
-"""Gradient strategies: AdjointDEIS (continuous adjoint), DiscreteAdjoint (exact, remat), Backprop."""
+"""Gradient strategies: AdjointDEIS (continuous adjoint), DiscreteAdjoint, Backprop."""
 
 from __future__ import annotations
 
@@ -188,7 +188,7 @@ def _combine(ws, trees):
     """sum_k ws[k] * trees[k] over pytrees (the weights are scalars)."""
     out = _scale(ws[0], trees[0])
     for w, t in zip(ws[1:], trees[1:]):
-        out = jax.tree.map(lambda o, g: o + w.astype(g.dtype) * g, out, t)
+        out = jax.tree.map(lambda o, g, w=w: o + w.astype(g.dtype) * g, out, t)
     return out
 
 
@@ -391,7 +391,8 @@ def deis_backward(
     z_like = z_at(z, 0, per_step)
     fz_hist0 = tuple(_zeros_like_grad(z_like) for _ in range(k - 1))
     zbar0 = _zeros_like_grad(z.values if per_step else z)
-    carry0 = (x0_bar, x_start, eps_hist0, fx_hist0, fp_hist0, fz_hist0, _zeros_like_grad(params), zbar0)
+    pbar0 = _zeros_like_grad(params)
+    carry0 = (x0_bar, x_start, eps_hist0, fx_hist0, fp_hist0, fz_hist0, pbar0, zbar0)
     (ax, _, _, _, _, _, pbar, zbar), ax_path = lax.scan(body, carry0, inputs)
     if traj_bar is not None:
         ax = ax + traj_bar[0]

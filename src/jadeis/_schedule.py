@@ -295,9 +295,7 @@ def _check_range(name, t_min, t_max, *, lo, hi=None, open_hi=False):
     t_min = float(t_min)
     t_max = float(t_max)
     if not (t_min > lo and t_max > t_min):
-        raise ValueError(
-            f"{name}: need {lo} < t_min < t_max, got t_min={t_min}, t_max={t_max}."
-        )
+        raise ValueError(f"{name}: need {lo} < t_min < t_max, got t_min={t_min}, t_max={t_max}.")
     if hi is not None and (t_max > hi or (open_hi and t_max >= hi)):
         raise ValueError(
             f"{name}: t_max={t_max} is outside the schedule's domain; it must be "

@@ -48,7 +48,7 @@ def effective_orders(order: int, n: int, lower_order_final: bool) -> np.ndarray:
 
 
 def lambda_history(lam: Array):
-    """For a grid of log-SNRs ``lam`` (length N+1): the (s, t, previous, before-previous) per step."""
+    """Per step of a log-SNR grid ``lam`` (N+1): current, next, previous, previous-but-one."""
     lam_s = lam[:-1]
     lam_t = lam[1:]
     lam_1 = jnp.concatenate([lam[:1], lam[:-2]])
@@ -112,7 +112,7 @@ class AbstractExponentialSolver(AbstractSolver):
 
 
 class AbstractNoiseSolver(AbstractExponentialSolver):
-    """Noise-prediction form: x_t = (alpha_t/alpha_s) x_s - f sigma_t int e^{-(l-lambda_t)} eps dl."""
+    """Noise form: x_t = (alpha_t/alpha_s) x_s - f sigma_t int e^{-(l - lambda_t)} eps dl."""
 
     prediction: ClassVar[str] = "eps"
     kappa: ClassVar[float] = -1.0
