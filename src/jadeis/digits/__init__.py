@@ -1,0 +1,11 @@
+"""The digits setting: a bundled conditional diffusion model of scikit-learn's 8x8 digits,
+three verifier networks standing in for face recognition, and the morphing pipeline."""
+
+from ._data import load_split as load_split
+from ._models import (
+    Denoiser as Denoiser,
+    Verifier as Verifier,
+    load_denoiser as load_denoiser,
+    load_verifiers as load_verifiers,
+)
+from ._weights import WeightsError as WeightsError, default_weights_dir as default_weights_dir
