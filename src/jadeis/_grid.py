@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
@@ -50,13 +51,15 @@ def time_grid(
         raise ValueError(f"time_grid: spacing must be one of {_SPACINGS}, got {spacing!r}.")
     t_start = schedule.t_max if t_start is None else t_start
     t_end = schedule.t_min if t_end is None else t_end
-    for name, v in (("t_start", t_start), ("t_end", t_end)):
-        if isinstance(v, (int, float)) and not (schedule.t_min <= v <= schedule.t_max):
+    c_start, c_end = _concrete(t_start), _concrete(t_end)
+    lo, hi = _concrete(schedule.t_min), _concrete(schedule.t_max)
+    for name, v in (("t_start", c_start), ("t_end", c_end)):
+        if v is not None and lo is not None and hi is not None and not (lo <= v <= hi):
             raise ValueError(
                 f"time_grid: {name}={v} is outside the schedule's range "
                 f"[{schedule.t_min}, {schedule.t_max}]."
             )
-    if isinstance(t_start, (int, float)) and isinstance(t_end, (int, float)) and t_end >= t_start:
+    if c_start is not None and c_end is not None and c_end >= c_start:
         raise ValueError(
             f"time_grid: need t_end < t_start (sampling runs backwards in time), got "
             f"t_start={t_start}, t_end={t_end}."
@@ -79,3 +82,10 @@ def time_grid(
         ts = schedule.t_from_log_snr(-rho * jnp.log(s0 + (s1 - s0) * u))
     # pin the end points exactly (inverse maps round)
     return ts.at[0].set(t_start).at[-1].set(t_end)
+
+
+def _concrete(v):
+    """``v`` as a Python float when it is a concrete scalar (Python, NumPy or JAX), else None."""
+    if isinstance(v, jax.core.Tracer) or jnp.ndim(v) != 0:
+        return None
+    return float(v)
