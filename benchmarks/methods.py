@@ -1,0 +1,379 @@
+"""Gradient methods under test: jadeis, diffrax (in t and in rho = sigma/alpha), hand-written scan.
+
+Every method builds, for a problem and a setting (step count N or tolerance), two functions of
+``(x_T, z, params, extra)`` where ``extra`` is the time grid ``ts`` (fixed-grid methods) or the
+tolerance (adaptive methods; a traced scalar, so one compilation serves every tolerance):
+
+- ``fwd``: x_0 only (sampling cost);
+- ``grad``: ``(x_0, dL/dx_T, dL/dz, dL/dparams, num_steps)`` for the problem's loss.
+
+Model evaluations and vector-Jacobian products (VJPs) are counted analytically for the fixed
+grids (stated per method below) and by instrumenting the model (a host callback per primal call
+and per VJP) for diffrax, whose step counts and checkpoint recomputations depend on the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import diffrax as dfx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import jadeis
+
+# ----------------------------------------------------------------------------------------
+# The probability-flow ODE in the forms diffrax needs
+
+
+def pf_ode_t(schedule, eps_fn):
+    """dx/dt = f(t) x + g^2(t)/(2 sigma_t) eps = f x - sigma dlambda/dt eps (SPEC section 1)."""
+    dlog_alpha = jax.grad(lambda t: schedule.log_alpha(t))
+    dlam = jax.grad(lambda t: schedule.log_snr(t))
+
+    def vf(t, x, args):
+        params, z = args
+        t = jnp.asarray(t, x.dtype)
+        eps = eps_fn(params, x, t, z)
+        return dlog_alpha(t) * x - schedule.sigma(t) * dlam(t) * eps
+
+    return vf
+
+
+def t_of_rho(schedule, rho):
+    return schedule.t_from_log_snr(-jnp.log(rho))
+
+
+def rho_of_t(schedule, t):
+    return jnp.exp(-schedule.log_snr(t))
+
+
+def pf_ode_rho(schedule, eps_fn):
+    """Change of variables Z = x/alpha, rho = sigma/alpha: dZ/drho = eps(alpha Z, t(rho))."""
+
+    def vf(rho, zz, args):
+        params, z = args
+        t = t_of_rho(schedule, rho).astype(zz.dtype)
+        return eps_fn(params, schedule.alpha(t) * zz, t, z)
+
+    return vf
+
+
+# ----------------------------------------------------------------------------------------
+# Method definitions
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    family: str  # "jadeis" | "diffrax" | "scan"
+    variable: str  # "N" (fixed grid) or "tol" (adaptive)
+    make: Callable  # make(problem) -> (fwd, grad), functions of (x_T, z, params, extra)
+    counts: Callable | None = None  # counts(N) -> (evals, vjps) for fixed grids
+    forward_key: str = ""  # methods sharing a forward pass share its timing
+    note: str = ""
+
+
+def _loss_grad(problem, x0_fn):
+    """grad(x_T, z, params, extra) -> (x0, gx, gz, gp, num_steps) from x0_fn -> (x0, steps)."""
+
+    def total(x_T, z, params, extra):
+        x0, steps = x0_fn(x_T, z, params, extra)
+        return problem.loss_fn(x0), (x0, steps)
+
+    def grad(x_T, z, params, extra):
+        (_, (x0, steps)), (gx, gz, gp) = jax.value_and_grad(total, argnums=(0, 1, 2), has_aux=True)(
+            x_T, z, params, extra
+        )
+        return x0, gx, gz, gp, steps
+
+    return grad
+
+
+def jadeis_method(name, solver, adjoint, counts, note=""):
+    def make(problem, eps_fn=None):
+        eps_fn = problem.eps_fn if eps_fn is None else eps_fn
+
+        def x0_fn(x_T, z, params, ts, adj=adjoint):
+            x0 = jadeis.sample(
+                eps_fn, params, x_T, z, schedule=problem.schedule, ts=ts, solver=solver, adjoint=adj
+            )
+            return x0, jnp.asarray(ts.shape[0] - 1)
+
+        def fwd(x_T, z, params, ts):
+            return x0_fn(x_T, z, params, ts, jadeis.DiscreteAdjoint())[0]
+
+        return fwd, _loss_grad(problem, x0_fn)
+
+    key = f"jadeis {type(solver).__name__}({solver.order})"
+    return Method(name, "jadeis", "N", make, counts, key, note)
+
+
+def _diffrax_solve(problem, eps_fn, variable, solver, controller_fn, adjoint, max_steps):
+    sch = problem.schedule
+    if variable == "t":
+        term = dfx.ODETerm(pf_ode_t(sch, eps_fn))
+    else:
+        term = dfx.ODETerm(pf_ode_rho(sch, eps_fn))
+
+    def x0_fn(x_T, z, params, extra):
+        dtype = x_T.dtype
+        t0 = jnp.asarray(sch.t_max, dtype)
+        t1 = jnp.asarray(sch.t_min, dtype)
+        controller, dt0 = controller_fn(extra, variable)
+        adj, steps_cap = adjoint, max_steps
+        if max_steps is None:  # fixed grid: exactly N steps, every state checkpointed
+            steps_cap = extra.shape[0] - 1
+            adj = dfx.RecursiveCheckpointAdjoint(checkpoints=steps_cap)
+        if variable == "t":
+            y0, s0, s1 = x_T, t0, t1
+        else:
+            y0 = x_T / sch.alpha(t0).astype(dtype)
+            s0, s1 = rho_of_t(sch, t0).astype(dtype), rho_of_t(sch, t1).astype(dtype)
+        sol = dfx.diffeqsolve(
+            term,
+            solver,
+            s0,
+            s1,
+            dt0,
+            y0,
+            args=(params, z),
+            saveat=dfx.SaveAt(t1=True),
+            stepsize_controller=controller,
+            adjoint=adj,
+            max_steps=steps_cap,
+        )
+        y1 = sol.ys[-1]
+        if variable == "rho":
+            y1 = sch.alpha(t1).astype(dtype) * y1
+        return y1, sol.stats["num_steps"]
+
+    return x0_fn
+
+
+def diffrax_adaptive(name, variable, adjoint_name, max_steps=4096):
+    adjoint = (
+        dfx.BacksolveAdjoint() if adjoint_name == "backsolve" else dfx.RecursiveCheckpointAdjoint()
+    )
+
+    def controller_fn(tol, variable):
+        return dfx.PIDController(rtol=tol, atol=tol, pcoeff=0.0, icoeff=1.0), None
+
+    def make(problem, eps_fn=None):
+        eps_fn = problem.eps_fn if eps_fn is None else eps_fn
+        x0_fn = _diffrax_solve(
+            problem, eps_fn, variable, dfx.Tsit5(), controller_fn, adjoint, max_steps
+        )
+        fwd_fn = _diffrax_solve(
+            problem,
+            eps_fn,
+            variable,
+            dfx.Tsit5(),
+            controller_fn,
+            dfx.RecursiveCheckpointAdjoint(),
+            max_steps,
+        )
+        return (lambda *a: fwd_fn(*a)[0]), _loss_grad(problem, x0_fn)
+
+    return Method(
+        name,
+        "diffrax",
+        "tol",
+        make,
+        None,
+        f"diffrax Tsit5 {variable}",
+        "Tsit5 + PIDController(rtol=atol=tol); evaluations and VJPs counted by instrumentation",
+    )
+
+
+def diffrax_fixed(name, variable, solver, stages):
+    def make(problem, eps_fn=None):
+        eps_fn = problem.eps_fn if eps_fn is None else eps_fn
+        sch = problem.schedule
+
+        def cfn(ts, variable):
+            grid = ts if variable == "t" else rho_of_t(sch, ts).astype(ts.dtype)
+            return dfx.StepTo(grid), None
+
+        x0_fn = _diffrax_solve(
+            problem, eps_fn, variable, solver, cfn, dfx.RecursiveCheckpointAdjoint(), None
+        )
+        return (lambda *a: x0_fn(*a)[0]), _loss_grad(problem, x0_fn)
+
+    # RecursiveCheckpointAdjoint(checkpoints=N) on StepTo stores every state; evaluations
+    # and VJPs are counted by instrumentation.
+    return Method(
+        name,
+        "diffrax",
+        "N",
+        make,
+        None,
+        f"diffrax {type(solver).__name__} {variable}",
+        f"{type(solver).__name__} on the log-SNR grid (StepTo), RecursiveCheckpointAdjoint",
+    )
+
+
+def scan_dpmpp2m(name, checkpoint):
+    """A hand-written DPM-Solver++(2M) (first step order 1) in lax.scan, plain reverse mode."""
+
+    def make(problem, eps_fn=None):
+        eps_fn = problem.eps_fn if eps_fn is None else eps_fn
+        sch = problem.schedule
+
+        def x0_fn(x_T, z, params, ts):
+            dtype = x_T.dtype
+            lam = sch.log_snr(ts)
+            alpha, sigma = sch.alpha(ts), sch.sigma(ts)
+            h = lam[1:] - lam[:-1]
+            r = jnp.concatenate([jnp.ones((1,), dtype), h[:-1] / h[1:]])
+            c1 = jnp.concatenate([jnp.zeros((1,), dtype), 0.5 / r[1:]])
+            inputs = (
+                ts[:-1],
+                alpha[:-1],
+                sigma[:-1],
+                sigma[1:] / sigma[:-1],
+                -alpha[1:] * jnp.expm1(-h),
+                c1,
+            )
+
+            def body(carry, inp):
+                x, d_prev = carry
+                t, a_s, s_s, ratio, coef, c = inp
+                d = (x - s_s * eps_fn(params, x, t, z)) / a_s
+                x_next = ratio * x + coef * ((1 + c) * d - c * d_prev)
+                return (x_next, d), None
+
+            if checkpoint:
+                body = jax.checkpoint(body)
+            (x0, _), _ = lax.scan(body, (x_T, jnp.zeros_like(x_T)), inputs)
+            return x0, jnp.asarray(ts.shape[0] - 1)
+
+        return (lambda *a: x0_fn(*a)[0]), _loss_grad(problem, x0_fn)
+
+    counts = (lambda n: (2 * n, n)) if checkpoint else (lambda n: (n, n))
+    note = (
+        "jax.checkpoint on the step: stores states, recomputes each step in the backward pass"
+        if checkpoint
+        else "plain jax.grad through lax.scan: stores every step's activations"
+    )
+    return Method(name, "scan", "N", make, counts, "scan DPM++(2M)", note)
+
+
+def all_methods() -> list[Method]:
+    ms = []
+    for k in (1, 2, 3):
+        for mode in ("cached", "reconstruct"):
+            ms.append(
+                jadeis_method(
+                    f"AdjointDEIS-{k} {mode}",
+                    jadeis.DPMSolver(order=k),
+                    jadeis.AdjointDEIS(order=k, trajectory=mode),
+                    lambda n: (2 * n, n),
+                    f"sampler DPMSolver({k}); one VJP per step (its primal reused)",
+                )
+            )
+    for k in (2, 3):
+        ms.append(
+            jadeis_method(
+                f"DiscreteAdjoint DPM++({k}M)",
+                jadeis.DPMSolverPP(order=k),
+                jadeis.DiscreteAdjoint(),
+                lambda n: (2 * n, n),
+                "exact gradient of the sampler; stores states, rematerialises each step",
+            )
+        )
+    ms.append(
+        jadeis_method(
+            "Backprop DPM++(3M)",
+            jadeis.DPMSolverPP(order=3),
+            jadeis.Backprop(),
+            lambda n: (n, n),
+            "jax.grad through the sampler's scan",
+        )
+    )
+    ms.append(
+        jadeis_method(
+            "Backprop DPM(2M)",
+            jadeis.DPMSolver(order=2),
+            jadeis.Backprop(),
+            lambda n: (n, n),
+            "jax.grad through the sampler's scan",
+        )
+    )
+    for var in ("t", "rho"):
+        ms.append(diffrax_adaptive(f"diffrax Tsit5 Backsolve ({var})", var, "backsolve"))
+        ms.append(diffrax_adaptive(f"diffrax Tsit5 RecursiveCheckpoint ({var})", var, "recursive"))
+    for var in ("t", "rho"):
+        ms.append(diffrax_fixed(f"diffrax Euler ({var})", var, dfx.Euler(), 1))
+        ms.append(diffrax_fixed(f"diffrax Heun ({var})", var, dfx.Heun(), 2))
+    ms.append(scan_dpmpp2m("scan DPM++(2M)", checkpoint=False))
+    ms.append(scan_dpmpp2m("scan DPM++(2M) + checkpoint", checkpoint=True))
+    return ms
+
+
+# ----------------------------------------------------------------------------------------
+# Counting model evaluations and VJPs by instrumentation
+
+
+class Counter:
+    def __init__(self):
+        self.evals = 0
+        self.vjps = 0
+
+    def _eval(self):
+        self.evals += 1
+
+    def _vjp(self):
+        self.vjps += 1
+
+
+def counting_eps_fn(eps_fn, counter: Counter):
+    """eps_fn with a host callback per primal evaluation and per VJP (for counting only)."""
+
+    @jax.custom_vjp
+    def f(params, x, t, z):
+        jax.debug.callback(counter._eval)
+        return eps_fn(params, x, t, z)
+
+    def f_fwd(params, x, t, z):
+        jax.debug.callback(counter._eval)
+        return eps_fn(params, x, t, z), (params, x, t, z)
+
+    def f_bwd(res, g):
+        params, x, t, z = res
+        jax.debug.callback(counter._vjp)
+        _, vjp = jax.vjp(lambda p, xx, zz: eps_fn(p, xx, t, zz), params, x, z)
+        gp, gx, gz = vjp(g)
+        return gp, gx, jnp.zeros_like(t), gz
+
+    f.defvjp(f_fwd, f_bwd)
+    return f
+
+
+# ----------------------------------------------------------------------------------------
+# References
+
+
+def jadeis_reference(problem, n: int) -> dict:
+    ts = jadeis.time_grid(problem.schedule, n, dtype=jnp.float64)
+    m = jadeis_method("ref", jadeis.DPMSolverPP(order=3), jadeis.DiscreteAdjoint(), None)
+    _, grad = m.make(problem)
+    x0, gx, gz, gp, _ = jax.jit(grad)(problem.x_T, problem.z, problem.params, ts)
+    return {"x0": x0, "x_T": gx, "z": gz, "params": gp}
+
+
+def diffrax_tsit5_reference(problem, tol: float) -> tuple[dict, int]:
+    m = diffrax_adaptive("ref", "t", "recursive", max_steps=65536)
+    _, grad = m.make(problem)
+    x0, gx, gz, gp, steps = jax.jit(grad)(
+        problem.x_T, problem.z, problem.params, jnp.asarray(tol, jnp.float64)
+    )
+    return {"x0": x0, "x_T": gx, "z": gz, "params": gp}, int(steps)
+
+
+def as_np(tree: Any):
+    return jax.tree.map(np.asarray, tree)

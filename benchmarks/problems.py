@@ -1,0 +1,409 @@
+"""Benchmark problems: each has a model eps_fn(params, x, t, z), inputs, a loss on x_0, and a
+float64 reference for x_0 and for the gradients dL/dx_T, dL/dz, dL/dparams.
+
+1. ``gaussian``: data N(mu, s^2 I); the probability-flow ODE is solved in closed form.
+2. ``mixture``: a 64-dimensional Gaussian mixture with small component variance (exact eps from
+   the mixture posterior; stiff near t = 0). Reference: two very tight float64 solves
+   (jadeis DPM-Solver++(3) with DiscreteAdjoint at very large N, and diffrax Tsit5 at
+   rtol = atol = 1e-10 differentiated by RecursiveCheckpointAdjoint), checked against each other.
+3. ``mlp``: a small conditional MLP noise model trained here on a mixture (cached on disk in
+   ``benchmarks/.cache/``); reference as for the mixture.
+4. ``digits``: the bundled digits model of issue 5, when ``jadeis.digits`` provides one.
+
+Everything runs in float64 (``jax_enable_x64`` is switched on by ``run.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jadeis
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+
+@dataclasses.dataclass
+class Problem:
+    name: str
+    description: str
+    schedule: Any
+    eps_fn: Callable
+    params: Any
+    z: Any
+    x_T: Any
+    loss_fn: Callable  # loss_fn(x_0) -> scalar
+    stiff: bool = False
+    reference: dict | None = None  # {"x0", "x_T", "z", "params"}
+    reference_check: dict | None = None  # relative differences between two references
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b|| over all leaves of two pytrees."""
+    la = [np.ravel(np.asarray(v, np.float64)) for v in jax.tree.leaves(a)]
+    lb = [np.ravel(np.asarray(v, np.float64)) for v in jax.tree.leaves(b)]
+    da = np.concatenate(la) - np.concatenate(lb)
+    nb = np.linalg.norm(np.concatenate(lb))
+    return float(np.linalg.norm(da) / max(nb, 1e-300))
+
+
+def guidance_loss(target):
+    def loss_fn(x_0):
+        return 0.5 * jnp.sum((x_0 - target) ** 2)
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------------------
+# 1. Gaussian data
+
+
+def gaussian_problem(dim: int = 16, batch: int = 8, seed: int = 0) -> Problem:
+    sch = jadeis.VPLinear()
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    mu = 0.5 * jax.random.normal(k1, (dim,), jnp.float64)
+    s2 = jnp.asarray(0.09, jnp.float64)
+    x_T = jax.random.normal(k2, (batch, dim), jnp.float64)
+    target = jax.random.normal(k3, (batch, dim), jnp.float64)
+    loss_fn = guidance_loss(target)
+
+    def eps_fn(s2, x, t, mu):
+        a = sch.alpha(t).astype(x.dtype)
+        s = sch.sigma(t).astype(x.dtype)
+        return s * (x - a * mu) / (a**2 * s2 + s**2)
+
+    def flow(x_T, mu, s2):
+        std = lambda t: jnp.sqrt(sch.alpha(t) ** 2 * s2 + sch.sigma(t) ** 2)
+        t0, t1 = sch.t_max, sch.t_min
+        return sch.alpha(t1) * mu + (x_T - sch.alpha(t0) * mu) * std(t1) / std(t0)
+
+    def total(x_T, mu, s2):
+        x0 = flow(x_T, mu, s2)
+        return loss_fn(x0), x0
+
+    (_, x0), (gx, gz, gp) = jax.value_and_grad(total, argnums=(0, 1, 2), has_aux=True)(x_T, mu, s2)
+    ref = {"x0": x0, "x_T": gx, "z": gz, "params": gp}
+    return Problem(
+        name="gaussian",
+        description=f"Gaussian data N(mu, 0.09 I), d={dim}, batch {batch}, exact flow map",
+        schedule=sch,
+        eps_fn=eps_fn,
+        params=s2,
+        z=mu,
+        x_T=x_T,
+        loss_fn=loss_fn,
+        reference=ref,
+        reference_check={"method": "closed form", "x0": 0.0, "grad": 0.0},
+        info={"dim": dim, "batch": batch},
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Gaussian mixture with small component variance
+
+
+def mixture_eps_fn(schedule):
+    """eps of the mixture sum_k softmax(z)_k N(means_k, exp(log_s2) I), exactly."""
+
+    def eps_fn(params, x, t, logits):
+        means, log_s2 = params["means"], params["log_s2"]
+        a = schedule.alpha(t).astype(x.dtype)
+        s = schedule.sigma(t).astype(x.dtype)
+        v = a**2 * jnp.exp(log_s2) + s**2
+        d2 = (
+            jnp.sum(x**2, -1, keepdims=True)
+            - 2 * a * x @ means.T
+            + a**2 * jnp.sum(means**2, -1)[None, :]
+        )
+        r = jax.nn.softmax(jax.nn.log_softmax(logits)[None, :] - d2 / (2 * v), axis=-1)
+        return s * (x - a * r @ means) / v
+
+    return eps_fn
+
+
+def mixture_problem(
+    dim: int = 64, components: int = 16, batch: int = 16, std: float = 0.02, seed: int = 1
+) -> Problem:
+    sch = jadeis.VPLinear()
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
+    means = jax.random.normal(k1, (components, dim), jnp.float64)
+    logits = 0.3 * jax.random.normal(k2, (components,), jnp.float64)
+    params = {"means": means, "log_s2": jnp.asarray(2 * np.log(std), jnp.float64)}
+    target = jax.random.normal(k4, (batch, dim), jnp.float64)
+    eps_fn = mixture_eps_fn(sch)
+    # Screen out initial noises whose trajectory passes (almost) through a decision boundary
+    # between two components: there x_0 jumps between modes and dL/dx_T is ~1000x larger than
+    # for the other samples, so the batch's gradient error would measure that one bifurcation
+    # (a solver needs N ~ 1000 to put it on the right side) rather than the solver.
+    cand = jax.random.normal(k3, (2 * batch, dim), jnp.float64)
+    ts = jadeis.time_grid(sch, 400, dtype=jnp.float64)
+
+    def loss_c(x):
+        x0 = jadeis.sample(
+            eps_fn, params, x, logits, schedule=sch, ts=ts, solver=jadeis.DPMSolverPP(order=3)
+        )
+        return jnp.sum(x0**2)
+
+    gnorm = np.linalg.norm(np.asarray(jax.grad(loss_c)(cand)), axis=1)
+    good = np.flatnonzero(gnorm < 10 * np.median(gnorm))
+    x_T = cand[good[:batch]]
+    screened = int(np.sum(gnorm[: good[batch - 1] + 1] >= 10 * np.median(gnorm)))
+    return Problem(
+        name="mixture",
+        description=(
+            f"Gaussian mixture, d={dim}, {components} components of std {std}, batch {batch}; "
+            f"exact eps (stiff near t=0); {screened} near-boundary x_T screened out"
+        ),
+        schedule=sch,
+        eps_fn=eps_fn,
+        params=params,
+        z=logits,
+        x_T=x_T,
+        loss_fn=guidance_loss(target),
+        stiff=True,
+        info={
+            "dim": dim,
+            "batch": batch,
+            "components": components,
+            "std": std,
+            "screened_out": screened,
+        },
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# 3. A small trained network
+
+
+def _time_features(schedule, t, dtype):
+    lam = schedule.log_snr(t).astype(dtype) / 4.0
+    freqs = jnp.arange(1, 5, dtype=dtype)
+    return jnp.concatenate([lam[None], jnp.sin(freqs * lam), jnp.cos(freqs * lam)])
+
+
+def mlp_apply(schedule, params, x, t, z):
+    """eps(x, t, z): an MLP on [x, time features, z] with SiLU, output of x's shape."""
+    b = x.shape[0]
+    tf = jnp.broadcast_to(_time_features(schedule, t, x.dtype), (b, 9))
+    h = jnp.concatenate([x, tf, z], axis=-1)
+    layers = params["layers"]
+    for i, (w, bias) in enumerate(layers):
+        h = h @ w + bias
+        if i < len(layers) - 1:
+            h = jax.nn.silu(h)
+    return h
+
+
+def _init_mlp(key, sizes):
+    layers = []
+    for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:])):
+        k = jax.random.fold_in(key, i)
+        layers.append(
+            (jax.random.normal(k, (m, n), jnp.float32) / np.sqrt(m), jnp.zeros((n,), jnp.float32))
+        )
+    return {"layers": layers}
+
+
+def train_mlp(
+    dim=8, components=8, std=0.05, hidden=128, depth=3, steps=2500, batch=256, seed=0, log=print
+):
+    """Train the conditional eps-MLP on a mixture (float32, optax Adam). Cached on disk."""
+    sch = jadeis.VPLinear()
+    tag = f"mlp_d{dim}_k{components}_s{std}_h{hidden}x{depth}_n{steps}_b{batch}_seed{seed}"
+    path = CACHE / f"{tag}.npz"
+    key = jax.random.key(seed)
+    means = np.asarray(1.5 * jax.random.normal(jax.random.fold_in(key, 99), (components, dim)))
+    means = means.astype(np.float32)
+    sizes = [dim + 9 + components] + [hidden] * depth + [dim]
+    if path.exists():
+        data = np.load(path)
+        layers = [(data[f"w{i}"], data[f"b{i}"]) for i in range(len(sizes) - 1)]
+        return (
+            {"layers": layers},
+            means,
+            sch,
+            {"train_seconds": float(data["seconds"]), "cached": True},
+        )
+    log(f"  training the benchmark MLP ({steps} Adam steps, cached at {path.name}) ...")
+    params = _init_mlp(jax.random.fold_in(key, 1), sizes)
+    opt = optax.adam(optax.cosine_decay_schedule(2e-3, steps, alpha=0.05))
+    state = opt.init(params)
+    means_j = jnp.asarray(means)
+
+    def loss(p, k):
+        kc, kn, kt, ke = jax.random.split(k, 4)
+        c = jax.random.randint(kc, (batch,), 0, components)
+        x0 = means_j[c] + std * jax.random.normal(kn, (batch, dim))
+        t = jax.random.uniform(kt, (batch,), minval=sch.t_min, maxval=sch.t_max)
+        e = jax.random.normal(ke, (batch, dim))
+        a = sch.alpha(t)[:, None].astype(jnp.float32)
+        s = sch.sigma(t)[:, None].astype(jnp.float32)
+        xt = a * x0 + s * e
+        zc = jax.nn.one_hot(c, components, dtype=jnp.float32)
+        pred = jax.vmap(lambda xx, tt, zz: mlp_apply(sch, p, xx[None], tt, zz[None])[0])(xt, t, zc)
+        return jnp.mean((pred - e) ** 2)
+
+    @jax.jit
+    def step(p, s, k):
+        lval, g = jax.value_and_grad(loss)(p, k)
+        upd, s = opt.update(g, s, p)
+        return optax.apply_updates(p, upd), s, lval
+
+    t0 = time.perf_counter()
+    for i in range(steps):
+        params, state, lval = step(params, state, jax.random.fold_in(key, 10_000 + i))
+        if i % 500 == 0 or i == steps - 1:
+            log(f"    step {i:5d}  loss {float(lval):.4f}")
+    seconds = time.perf_counter() - t0
+    CACHE.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for i, (w, b) in enumerate(params["layers"]):
+        arrays[f"w{i}"] = np.asarray(w)
+        arrays[f"b{i}"] = np.asarray(b)
+    np.savez(path, seconds=seconds, **arrays)
+    layers = [(np.asarray(w), np.asarray(b)) for w, b in params["layers"]]
+    return {"layers": layers}, means, sch, {"train_seconds": seconds, "cached": False}
+
+
+def mlp_problem(batch: int = 64, seed: int = 2, log=print) -> Problem:
+    params32, means, sch, tinfo = train_mlp(log=log)
+    dim = means.shape[1]
+    components = means.shape[0]
+    params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), params32)
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    x_T = jax.random.normal(k1, (batch, dim), jnp.float64)
+    # soft class conditioning, one vector per sample (gradients w.r.t. it are dL/dz)
+    z = jax.nn.one_hot(jnp.arange(batch) % components, components, dtype=jnp.float64)
+    target = jax.random.normal(k3, (batch, dim), jnp.float64)
+
+    def eps_fn(p, x, t, z):
+        return mlp_apply(sch, p, x, t, z)
+
+    n_params = sum(int(np.size(v)) for v in jax.tree.leaves(params))
+    return Problem(
+        name="mlp",
+        description=(
+            f"conditional MLP (3x128 SiLU, {n_params} params) trained on an {components}-component "
+            f"mixture in d={dim} (std 0.05), batch {batch}"
+        ),
+        schedule=sch,
+        eps_fn=eps_fn,
+        params=params,
+        z=z,
+        x_T=x_T,
+        loss_fn=guidance_loss(target),
+        stiff=True,
+        info={"dim": dim, "batch": batch, "n_params": n_params, **tinfo},
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# 4. The digits model of issue 5 (only if it exists)
+
+
+def digits_problem(batch: int = 4, seed: int = 3, log=print) -> Problem | None:
+    try:
+        from jadeis import digits  # noqa: F401
+    except Exception:  # noqa: BLE001 - optional
+        return None
+    loader = getattr(digits, "load_model", None) or getattr(digits, "load", None)
+    if loader is None:
+        return None
+    try:
+        model = loader()
+    except Exception as e:  # noqa: BLE001 - optional
+        log(f"  digits model present but not loadable ({type(e).__name__}: {e}); skipped")
+        return None
+    eps_fn = getattr(model, "eps_fn", None)
+    params = getattr(model, "params", None)
+    sch = getattr(model, "schedule", None)
+    if eps_fn is None or params is None or sch is None:
+        log("  digits model has no (eps_fn, params, schedule); skipped")
+        return None
+    params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), params)
+    shape = tuple(getattr(model, "sample_shape", (8, 8, 1)))
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    x_T = jax.random.normal(k1, (batch,) + shape, jnp.float64)
+    z = getattr(model, "default_z", lambda b: None)(batch)
+    target = jax.random.normal(k2, x_T.shape, jnp.float64)
+    return Problem(
+        name="digits",
+        description="bundled digits model (issue 5)",
+        schedule=sch,
+        eps_fn=eps_fn,
+        params=params,
+        z=z,
+        x_T=x_T,
+        loss_fn=guidance_loss(target),
+        stiff=True,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# References
+
+
+def compute_reference(problem: Problem, *, quick: bool, log=print) -> None:
+    """Two very tight float64 solves, checked against each other; the diffrax one is kept
+    (it is the more accurate: Tsit5 at 1e-10 and 1e-12 agree to ~5e-8 on the mixture).
+    ``quick`` does not loosen them."""
+    del quick
+    from methods import diffrax_tsit5_reference, jadeis_reference  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    n_ref = 4000
+    r1 = jadeis_reference(problem, n_ref)
+    t1 = time.perf_counter()
+    tol = 1e-10
+    r2, steps = diffrax_tsit5_reference(problem, tol)
+    t2 = time.perf_counter()
+    check = {
+        "method": f"jadeis DPMSolverPP(3)+DiscreteAdjoint N={n_ref} vs diffrax Tsit5 "
+        f"rtol=atol={tol} ({steps} steps) + RecursiveCheckpointAdjoint",
+        "x0": rel_err(r1["x0"], r2["x0"]),
+        "x_T": rel_err(r1["x_T"], r2["x_T"]),
+        "z": rel_err(r1["z"], r2["z"]),
+        "params": rel_err(r1["params"], r2["params"]),
+        "seconds_jadeis": t1 - t0,
+        "seconds_diffrax": t2 - t1,
+    }
+    check["grad"] = max(check["x_T"], check["z"], check["params"])
+    problem.reference = r2
+    problem.reference_check = check
+    log(
+        f"  reference agreement: x0 {check['x0']:.2e}, dL/dx_T {check['x_T']:.2e}, "
+        f"dL/dz {check['z']:.2e}, dL/dparams {check['params']:.2e} "
+        f"({t1 - t0:.1f}s + {t2 - t1:.1f}s)"
+    )
+
+
+def build_problems(names, *, quick: bool, log=print) -> list[Problem]:
+    out = []
+    for name in names:
+        log(f"problem {name}:")
+        if name == "gaussian":
+            p = gaussian_problem()
+        elif name == "mixture":
+            p = mixture_problem()
+        elif name == "mlp":
+            p = mlp_problem(log=log)
+        elif name == "digits":
+            p = digits_problem(log=log)
+            if p is None:
+                log("  jadeis.digits model not available; skipped")
+                continue
+        else:
+            raise ValueError(f"unknown problem {name!r}")
+        if p.reference is None:
+            compute_reference(p, quick=quick, log=log)
+        out.append(p)
+    return out
