@@ -150,11 +150,15 @@ def guide(
     def step(opt_vars, opt_state, fixed, ts, key, noise, loss_args):
         grad_fn = jax.value_and_grad(objective, has_aux=True)
         (_, (loss, x_0)), grads = grad_fn(opt_vars, fixed, ts, key, noise, loss_args)
-        updates, opt_state = optimizer.update(grads, opt_state, opt_vars)
-        return optax.apply_updates(opt_vars, updates), opt_state, loss, x_0
+        # optax mixes Python floats with int32 step counts (e.g. Adam's bias correction):
+        # run the optimiser with standard promotion even where the user set "strict"
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, opt_state, opt_vars)
+            opt_vars = optax.apply_updates(opt_vars, updates)
+        return opt_vars, opt_state, loss, x_0
 
-    final = jax.jit(objective)
-    opt_state = optimizer.init(opt_vars)
+    with jax.numpy_dtype_promotion("standard"):
+        opt_state = optimizer.init(opt_vars)
     losses, x0s = [], []
     bar = tqdm(total=num_iters, desc=desc, disable=not progress, unit="it")
     for _ in range(num_iters):
@@ -166,7 +170,8 @@ def guide(
         bar.update(1)
         bar.set_postfix(loss=f"{float(np.mean(loss)):.4f}")
     bar.close()
-    _, (loss, x_0) = final(opt_vars, fixed, ts, key, noise, loss_args)
+    # the loss of the returned values: one more step, its update discarded (no new compile)
+    _, _, loss, x_0 = step(opt_vars, opt_state, fixed, ts, key, noise, loss_args)
     losses.append(np.asarray(loss))
     v = {**fixed, **opt_vars}
     return GuideResult(

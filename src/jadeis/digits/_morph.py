@@ -117,6 +117,7 @@ class MethodResult:
     seconds: float
     losses: np.ndarray | None = None  # (iters + 1, B)
     progress: np.ndarray | None = None  # (iters, B, 8, 8)
+    devices: int = 1  # how many devices the batch of morphs was computed on
 
     @property
     def mmpmr(self) -> np.ndarray:
@@ -303,6 +304,7 @@ def run_morphs(
             morphs, losses, hist = res.x_0, res.losses[:, :nb], res.x0_history
             nfe = 2 * steps + iters * 2 * steps + steps
         morphs = jnp.asarray(morphs)
+        n_dev = len(morphs.sharding.device_set)
         accepted = _accepted(verifiers, morphs, a, b)[:, :nb]
         report.results.append(
             MethodResult(
@@ -314,6 +316,7 @@ def run_morphs(
                 time.perf_counter() - t0,
                 losses,
                 unpad(hist),
+                n_dev,
             )
         )
     return report
