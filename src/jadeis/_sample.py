@@ -80,8 +80,8 @@ def _prepare_z(z, ts, where):
         bad = [jnp.shape(v) for v in leaves if jnp.ndim(v) == 0 or jnp.shape(v)[0] != n]
         if not leaves or bad:
             raise ValueError(
-                f"{where}: a PerStep conditioning needs a leading axis of length N = {n} "
-                f"(one entry per step of ts) on every leaf; got leaf shapes "
+                f"{where}: z is a PerStep conditioning, which needs a leading axis of length "
+                f"N = {n} (one entry per step of ts) on every leaf; got leaf shapes "
                 f"{[jnp.shape(v) for v in leaves]}."
             )
         return z, True
