@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--pairs",
         type=_positive("--pairs", 1, 45),
-        default=8,
-        help="number of look-alike pairs to morph, closest first (1-45, default: %(default)s)",
+        default=45,
+        help="number of look-alike pairs of different digits to morph, closest first "
+        "(1-45; default: %(default)s, one per pair of digits)",
     )
     demo.add_argument(
         "--images",
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--iters",
         type=_positive("--iters", 0, 10000),
-        default=20,
+        default=30,
         help="optimisation iterations (default: %(default)s)",
     )
     demo.add_argument(

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import flax.serialization
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ._nets import build
@@ -133,5 +132,5 @@ def load_record(path, *, kind: str, example_inputs) -> tuple:
                 f"parameter {jax.tree_util.keystr(kp)} has shape {np.shape(v)} "
                 f"({np.asarray(v).dtype}), expected {tuple(s.shape)} ({s.dtype})."
             )
-    params = jax.tree.map(jnp.asarray, params)
+    params = jax.device_put(params)
     return net, params, record

@@ -1,0 +1,209 @@
+"""The bundled digits models, their weights files, and the morphing pipeline."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jadeis import digits
+from jadeis.digits import WeightsError, load_denoiser, load_split, load_verifiers
+from jadeis.digits._morph import candidate_pairs, run_morphs, slerp
+from jadeis.digits._train import pair_scores
+
+WEIGHTS = digits.default_weights_dir()
+
+
+def test_bundled_weights_are_small_msgpack_files_with_a_manifest():
+    manifest = json.loads((WEIGHTS / "manifest.json").read_text())
+    files = ["denoiser.msgpack", "verifier_a.msgpack", "verifier_b.msgpack", "verifier_c.msgpack"]
+    assert sorted(manifest["sha256"]) == files
+    total = sum((WEIGHTS / f).stat().st_size for f in files)
+    assert total < 5_000_000
+    import flax.serialization
+
+    for f in files:  # plain msgpack maps (never pickle)
+        rec = flax.serialization.msgpack_restore((WEIGHTS / f).read_bytes())
+        assert rec["format"] == "jadeis-digits" and rec["kind"] in ("denoiser", "verifier")
+
+
+def test_weights_load_in_under_a_second():
+    """In a fresh interpreter (after importing jax), loading all four models takes < 1 s."""
+    code = textwrap.dedent(
+        """
+        import time, jax
+        from jadeis.digits import load_denoiser, load_verifiers
+        t = time.perf_counter()
+        load_denoiser(); load_verifiers()
+        print(time.perf_counter() - t)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip().splitlines()[-1]) < 1.0, out.stdout
+
+
+def _copy_weights(tmp_path):
+    d = tmp_path / "w"
+    shutil.copytree(WEIGHTS, d)
+    return d
+
+
+def test_missing_corrupt_and_mismatched_files_are_clear_errors(tmp_path):
+    with pytest.raises(WeightsError, match="not found"):
+        load_denoiser(tmp_path)
+    d = _copy_weights(tmp_path)
+    # flipped bytes: the manifest's SHA-256 catches it
+    data = bytearray((d / "denoiser.msgpack").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (d / "denoiser.msgpack").write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="corrupt"):
+        load_denoiser(d)
+    # without a manifest: a truncated file does not decode
+    (d / "manifest.json").unlink()
+    (d / "denoiser.msgpack").write_bytes(data[:1000])
+    with pytest.raises(WeightsError, match="corrupt"):
+        load_denoiser(d)
+    # a verifier file where the denoiser is expected
+    shutil.copy(d / "verifier_a.msgpack", d / "denoiser.msgpack")
+    with pytest.raises(WeightsError, match="expected 'denoiser'"):
+        load_denoiser(d)
+    # same kind, wrong architecture: verifier_b's weights under verifier_a's config
+    import flax.serialization
+
+    rec_a = flax.serialization.msgpack_restore((WEIGHTS / "verifier_a.msgpack").read_bytes())
+    rec_b = flax.serialization.msgpack_restore((WEIGHTS / "verifier_b.msgpack").read_bytes())
+    rec_a["params"] = rec_b["params"]
+    (d / "verifier_a.msgpack").write_bytes(flax.serialization.msgpack_serialize(rec_a))
+    with pytest.raises(WeightsError, match="does not match the EmbedMLP architecture"):
+        load_verifiers(d)
+
+
+def test_samples_are_accepted_by_a_held_out_classifier():
+    """10 samples of every digit (DDIM, 20 steps) are classified as the digit they were
+    conditioned on by a logistic regression trained on images the model never saw."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = load_split("val")
+    clf = LogisticRegression(max_iter=2000).fit(x.reshape(len(x), -1), y)
+    xt, yt = load_split("test")
+    assert clf.score(xt.reshape(len(xt), -1), yt) > 0.9  # a competent judge
+    model = load_denoiser()
+    labels = np.repeat(np.arange(10), 10)
+    samples = np.asarray(model.generate(labels, jax.random.key(42), steps=20))
+    assert samples.shape == (100, 8, 8) and np.all(np.isfinite(samples))
+    acc = clf.score(np.clip(samples, -1, 1).reshape(100, -1), labels)
+    assert acc >= 0.8, acc
+
+
+def test_verifier_thresholds_are_at_one_per_mille_fmr():
+    verifiers = load_verifiers()
+    assert len({type(v.net).__name__ + str(v.net) for v in verifiers}) == 3  # 3 architectures
+    for v in verifiers:
+        gen, imp = pair_scores(v.net, v.params, "val")
+        assert np.mean(imp > v.threshold) <= 1e-3  # the calibration split: FMR <= 0.1%
+        assert np.mean(imp >= np.quantile(imp, 0.99)) > 1e-3  # ... and not trivially so
+        gen_t, imp_t = pair_scores(v.net, v.params, "test")
+        assert np.mean(imp_t > v.threshold) < 5e-3  # generalises to the test split
+        assert np.mean(gen_t > v.threshold) > 0.7  # most genuine pairs accepted
+    # the verifiers disagree on individual scores (independently trained)
+    x = jnp.asarray(load_split("test")[0][:50])
+    s = [np.asarray(v.score(x[:, None], x[None])) for v in verifiers]
+    assert not np.allclose(s[0], s[1], atol=0.05) and not np.allclose(s[0], s[2], atol=0.05)
+
+
+def test_morph_pairs_are_different_digits_rejected_by_every_verifier():
+    verifiers = load_verifiers()
+    pairs = candidate_pairs(verifiers)
+    images, labels = load_split("test")
+    assert len(pairs) == 45
+    assert {frozenset((labels[a], labels[b])) for a, b in pairs} == {
+        frozenset((i, j)) for i in range(10) for j in range(i + 1, 10)
+    }
+    a = jnp.asarray(images[[p[0] for p in pairs]])
+    b = jnp.asarray(images[[p[1] for p in pairs]])
+    for v in verifiers:
+        assert not np.any(np.asarray(v.accepts(a, b)))
+
+
+def test_slerp():
+    a = jnp.array([[1.0, 0.0]], jnp.float32)
+    b = jnp.array([[0.0, 2.0]], jnp.float32)
+    m = slerp(a, b)
+    np.testing.assert_allclose(m, [[np.sqrt(0.5) * 1.0, np.sqrt(0.5) * 2.0]], rtol=1e-6)
+    np.testing.assert_allclose(slerp(a, a), a, rtol=1e-6)
+
+
+def test_morphing_pipeline_small():
+    """Few steps and iterations (fast): the optimised morph lowers the identity loss, and
+    the report has the MMPMR of every verifier."""
+    model, verifiers = load_denoiser(), load_verifiers()
+    pairs = candidate_pairs(verifiers)[:3]
+    rep = run_morphs(
+        model,
+        verifiers,
+        pairs,
+        steps=8,
+        iters=6,
+        lr=0.05,
+        methods=("pixel", "latent", "discrete"),
+        progress=False,
+    )
+    assert [r.method.key for r in rep.results] == ["pixel", "latent", "discrete"]
+    for r in rep.results:
+        assert r.morphs.shape == (3, 8, 8) and r.accepted.shape == (3, 3)
+        assert np.all((0 <= r.mmpmr) & (r.mmpmr <= 1))
+    opt = rep.results[-1]
+    assert opt.losses.shape == (7, 3) and opt.progress.shape == (6, 3, 8, 8)
+    assert np.mean(opt.losses[-1]) < np.mean(opt.losses[0])
+    assert opt.nfe == 2 * 8 + 6 * 2 * 8 + 8
+    table = rep.table()
+    assert "MMPMR verifier_a (guide)" in table and "DiscreteAdjoint" in table
+
+
+SHARD_SCRIPT = """
+import json, sys
+import jax, numpy as np
+from jadeis.digits import load_denoiser, load_verifiers
+from jadeis.digits._morph import candidate_pairs, run_morphs, shard_batch
+assert len(jax.devices()) == 4, jax.devices()
+x = shard_batch(np.zeros((8, 8, 8), np.float32))
+assert len(x.sharding.device_set) == 4
+model, verifiers = load_denoiser(), load_verifiers()
+pairs = candidate_pairs(verifiers)[:6]  # 6 morphs: padded to 8 over 4 devices
+out = {}
+for shard in (True, False):
+    rep = run_morphs(model, verifiers, pairs, steps=6, iters=3,
+                     methods=("latent", "adjointdeis1_sde"), progress=False,
+                     shard=shard)
+    out[str(shard)] = [[r.morphs.tolist(), r.accepted.tolist(),
+                        None if r.losses is None else r.losses.tolist(), r.devices]
+                       for r in rep.results]
+print(json.dumps(out))
+"""
+
+
+def test_sharded_morphs_match_one_device():
+    """A batch of morphs split over 4 (emulated CPU) devices gives the single-device result."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    out = subprocess.run(
+        [sys.executable, "-c", SHARD_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).parent,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    for (m4, acc4, l4, dev4), (m1, acc1, l1, dev1) in zip(res["True"], res["False"]):
+        assert dev4 == 4 and dev1 == 1
+        np.testing.assert_allclose(m4, m1, atol=2e-5)
+        if l1 is not None:
+            np.testing.assert_allclose(l4, l1, atol=2e-5)
+        assert acc4 == acc1
