@@ -311,40 +311,33 @@ def mlp_problem(batch: int = 64, seed: int = 2, log=print) -> Problem:
 
 
 def digits_problem(batch: int = 4, seed: int = 3, log=print) -> Problem | None:
+    """The bundled conditional digits model (8x8 images). Its network computes in float32
+    internally, so the reference is only as accurate as float32 evaluations allow (~1e-6)."""
     try:
-        from jadeis import digits  # noqa: F401
-    except Exception:  # noqa: BLE001 - optional
+        from jadeis.digits import load_denoiser  # noqa: PLC0415
+
+        model = load_denoiser()
+    except Exception as e:  # noqa: BLE001 - optional: built by another issue
+        log(f"  digits model not available ({type(e).__name__}: {e}); skipped")
         return None
-    loader = getattr(digits, "load_model", None) or getattr(digits, "load", None)
-    if loader is None:
-        return None
-    try:
-        model = loader()
-    except Exception as e:  # noqa: BLE001 - optional
-        log(f"  digits model present but not loadable ({type(e).__name__}: {e}); skipped")
-        return None
-    eps_fn = getattr(model, "eps_fn", None)
-    params = getattr(model, "params", None)
-    sch = getattr(model, "schedule", None)
-    if eps_fn is None or params is None or sch is None:
-        log("  digits model has no (eps_fn, params, schedule); skipped")
-        return None
-    params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), params)
-    shape = tuple(getattr(model, "sample_shape", (8, 8, 1)))
     k1, k2 = jax.random.split(jax.random.key(seed))
-    x_T = jax.random.normal(k1, (batch,) + shape, jnp.float64)
-    z = getattr(model, "default_z", lambda b: None)(batch)
+    x_T = jax.random.normal(k1, (batch, 8, 8), jnp.float64)
+    labels = np.arange(batch) % 10
+    z = jnp.asarray(model.z_for(labels), jnp.float64)
     target = jax.random.normal(k2, x_T.shape, jnp.float64)
+    n_params = sum(int(np.size(v)) for v in jax.tree.leaves(model.params))
     return Problem(
         name="digits",
-        description="bundled digits model (issue 5)",
-        schedule=sch,
-        eps_fn=eps_fn,
-        params=params,
+        description=f"bundled digits denoiser (issue 5; residual MLP, {n_params} params, "
+        f"float32 inside), batch {batch} of 8x8",
+        schedule=model.schedule,
+        eps_fn=model.eps_fn,
+        params=model.params,
         z=z,
         x_T=x_T,
         loss_fn=guidance_loss(target),
         stiff=True,
+        info={"batch": batch, "n_params": n_params, "float32_model": True},
     )
 
 
@@ -363,7 +356,8 @@ def compute_reference(problem: Problem, *, quick: bool, log=print) -> None:
     n_ref = 4000
     r1 = jadeis_reference(problem, n_ref)
     t1 = time.perf_counter()
-    tol = 1e-10
+    # a float32 model's evaluations are noisy at ~1e-7: a tighter tolerance only adds steps
+    tol = 1e-7 if problem.info.get("float32_model") else 1e-10
     r2, steps = diffrax_tsit5_reference(problem, tol)
     t2 = time.perf_counter()
     check = {
