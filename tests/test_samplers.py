@@ -10,6 +10,7 @@ fast.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 
 import jax
@@ -77,19 +78,46 @@ def _oracle_error(name, solver, n, t_end):
 #   second order by a wide margin.
 
 
+@pytest.fixture(scope="module")
+def order_errors():
+    """Oracle errors for every (schedule, solver, range, N) of the order tests.
+
+    The 30 compilations (2 schedules x 5 solvers x 3 grid sizes) dominate this file's run
+    time; they run on two threads (XLA compiles outside the GIL), and the full-range runs
+    reuse the sub-interval compilations (same shapes, t_end is traced).
+    """
+    jobs = []
+    for name in ORACLES:
+        sch = ORACLES[name].schedule
+        ranges = {"sub": float(sch.t_from_log_snr(LAMBDA_END)), "full": float(sch.t_min)}
+        for sid, (solver, _) in zip(ORDER_IDS, ORDER_SOLVERS):
+            for n in ORDER_NS:
+                jobs.append((name, sid, solver, n, ranges))
+
+    def run(job):
+        name, sid, solver, n, ranges = job
+        return {
+            (name, sid, r, n): oracle_error(name, solver, n, t_end) for r, t_end in ranges.items()
+        }
+
+    out = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        for res in pool.map(run, jobs):
+            out.update(res)
+    return out
+
+
 @pytest.mark.parametrize("name", ["VPLinear", "VE"])
-@pytest.mark.parametrize("solver,order", ORDER_SOLVERS, ids=ORDER_IDS)
-def test_measured_order(name, solver, order):
-    sch = ORACLES[name].schedule
+@pytest.mark.parametrize("sid,order", [(i, k) for i, (_, k) in zip(ORDER_IDS, ORDER_SOLVERS)])
+def test_measured_order(order_errors, name, sid, order):
     # asymptotic regime: the sub-interval, nominal order within 0.3
-    t_end = float(sch.t_from_log_snr(LAMBDA_END))
-    errors = [oracle_error(name, solver, n, t_end=t_end) for n in ORDER_NS]
+    errors = [order_errors[name, sid, "sub", n] for n in ORDER_NS]
     measured = fitted_order(ORDER_NS, errors)
     assert abs(measured - order) < 0.3, (measured, errors)
     assert errors[-1] < 1e-3
-    # full range (same grid sizes, so no new compilation): orders 1 and 2 within 0.3,
-    # third order at least nominal (super-convergent on this oracle, see above)
-    errors = [oracle_error(name, solver, n) for n in ORDER_NS]
+    # full range: orders 1 and 2 within 0.3, third order at least nominal (super-convergent
+    # on this oracle, see above)
+    errors = [order_errors[name, sid, "full", n] for n in ORDER_NS]
     measured = fitted_order(ORDER_NS, errors)
     if order < 3:
         assert abs(measured - order) < 0.3, (measured, errors)
@@ -98,11 +126,8 @@ def test_measured_order(name, solver, order):
 
 
 @pytest.mark.parametrize("name", ["VPLinear", "VE"])
-def test_third_order_beats_second_order_full_range(name):
-    errors = {
-        sid: [oracle_error(name, solver, n) for n in ORDER_NS]
-        for sid, (solver, _) in zip(ORDER_IDS, ORDER_SOLVERS)
-    }
+def test_third_order_beats_second_order_full_range(order_errors, name):
+    errors = {sid: [order_errors[name, sid, "full", n] for n in ORDER_NS] for sid in ORDER_IDS}
     # third order clearly beats second order at every N, in both parameterisations
     # (measured ratios 40-300 on VPLinear and VE)
     for third, second in (("DPMSolver3", "DPMSolver2"), ("DPMSolverPP3", "DPMSolverPP2")):
@@ -472,26 +497,34 @@ def _models_from_oracle(oracle, sch):
 
 @pytest.mark.parametrize(
     "sch_name,prediction",
-    [("VPLinear", "x0"), ("VPLinear", "v"), ("VPLinear", "flow"), ("RectifiedFlow", "flow")],
+    [
+        ("VPLinear", "x0"),
+        ("VPLinear", "v"),
+        ("VPLinear", "flow"),
+        ("RectifiedFlow", "flow"),
+        ("RectifiedFlow", "x0"),
+        ("RectifiedFlow", "v"),
+    ],
 )
-def test_as_eps_fn_matches_eps_model(sch_name, prediction):
+def test_as_eps_fn_recovers_eps(sch_name, prediction):
+    # pointwise over the whole time range: the converter recovers the oracle's eps
     sch = {"VPLinear": VPLIN, "RectifiedFlow": jadeis.RectifiedFlow()}[sch_name]
     oracle = ORACLES["VPLinear"] if sch_name == "VPLinear" else GaussianOracle(sch)
-    model = _models_from_oracle(oracle, sch)[prediction]
-    eps_fn = jadeis.as_eps_fn(model, sch, prediction)
-    # pointwise: the converter recovers eps
-    t = jnp.asarray(0.4)
-    np.testing.assert_allclose(
-        np.asarray(eps_fn(S2, X_T, t, MU)),
-        np.asarray(oracle.eps_fn(S2, X_T, t, MU)),
-        rtol=1e-10,
-        atol=1e-12,
-    )
-    # and the samples are the same as with the eps model
-    ts = jadeis.time_grid(sch, 64)
+    eps_fn = jadeis.as_eps_fn(_models_from_oracle(oracle, sch)[prediction], sch, prediction)
+    ts = jnp.linspace(sch.t_min, sch.t_max, 33)
+    got = jax.jit(jax.vmap(lambda t: eps_fn(S2, X_T, t, MU)))(ts)
+    want = jax.vmap(lambda t: oracle.eps_fn(S2, X_T, t, MU))(ts)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v", "flow"])
+def test_as_eps_fn_gives_the_same_samples(prediction):
+    oracle = ORACLES["VPLinear"]
+    eps_fn = jadeis.as_eps_fn(_models_from_oracle(oracle, VPLIN)[prediction], VPLIN, prediction)
+    ts = jadeis.time_grid(VPLIN, 64)
     solver = jadeis.DPMSolverPP(order=2)
-    ref = jadeis.sample(oracle.eps_fn, S2, X_T, MU, schedule=sch, ts=ts, solver=solver)
-    out = jadeis.sample(eps_fn, S2, X_T, MU, schedule=sch, ts=ts, solver=solver)
+    ref = jadeis.sample(oracle.eps_fn, S2, X_T, MU, schedule=VPLIN, ts=ts, solver=solver)
+    out = jadeis.sample(eps_fn, S2, X_T, MU, schedule=VPLIN, ts=ts, solver=solver)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-9, atol=1e-10)
 
 
