@@ -113,7 +113,9 @@ def test_adjoint_grid_independent_of_sampling_grid(k, mode):
     The sampling grid is fixed at N = 200 steps of the 3rd order DPM-Solver++ (forward
     error about 1e-8); the loss is linear, so dL/dx_0 does not depend on x_0 and the
     measured error is the adjoint solver's (cached: states re-solved on the M-grid with the
-    same sampler; reconstruct: states solved backwards from x_0 on the M-grid).
+    same sampler; reconstruct: states solved backwards from x_0 on the M-grid), M = 64,
+    181, 512. Measured (x_T, z, params): k=1 cached 0.88/0.88/1.02, k=2 reconstruct
+    2.11/2.11/2.06, k=3 cached 3.13/3.13/3.10.
     """
     ms = (64, 181, 512)
 
@@ -218,8 +220,9 @@ SDE_ORACLE = GaussianOracle(SDE_SCH)
 SDE_S2 = jnp.asarray(0.5**2)
 SDE_W = jnp.array([1.3, -0.4])
 N_FINE = 2**14
-N_PATHS = 8
+N_PATHS = 32
 SDE_NS = (32, 90, 256)
+SDE_DRAWS = jnp.asarray(np.random.default_rng(3).standard_normal((N_FINE, N_PATHS, 2)))
 
 
 def _v(la, s2):
@@ -227,11 +230,13 @@ def _v(la, s2):
     return a2 * s2 + 1.0 - a2
 
 
-def _fine_path(m, key, shape):
-    """Fine grid log alpha (m + 1, increasing) and increments g dw, shape (m,) + shape."""
+def _fine_path(z):
+    """Fine grid log alpha (m + 1, increasing) and increments g dw from standard normal
+    draws ``z`` of shape (m,) + state shape. (The draws come from numpy outside the jitted
+    functions: compiling random-number kernels would dominate these tests' run time.)"""
+    m = z.shape[0]
     la = SDE_SCH.log_alpha(jadeis.time_grid(SDE_SCH, m))
-    z = jax.random.normal(key, (m,) + shape, jnp.float64)
-    return la, z * jnp.sqrt(2.0 * (la[1:] - la[:-1])).reshape((m,) + (1,) * len(shape))
+    return la, z * jnp.sqrt(2.0 * (la[1:] - la[:-1])).reshape((m,) + (1,) * (z.ndim - 1))
 
 
 def _pathwise_x0(la, dw, x_T, mu, s2):
@@ -267,7 +272,7 @@ def _coarse(la, dw, n, solver):
 @quick_jit(static_argnums=(0, 1, 2))
 def sde_errors(n, solver, adjoint):
     """RMS over the paths of the errors of (dL/dx_T, dL/dmu, dL/ds2), L = w . x_0 per path."""
-    la, dw = _fine_path(N_FINE, jax.random.key(3), (N_PATHS, 2))
+    la, dw = _fine_path(SDE_DRAWS)
     x_T = jnp.linspace(-1.0, 1.0, 2 * N_PATHS).reshape(N_PATHS, 2)
 
     def exact_one(x_T1, dw1):
@@ -302,22 +307,23 @@ def test_sde_oracle_self_check():
     """The oracle itself: the closed-form K equals its quadrature, and the pathwise x_0
     from x_T ~ p_T has the data marginal N(alpha_0 mu, alpha_0^2 s^2 + sigma_0^2)."""
 
+    rng = np.random.default_rng(0)
+    draws, x_draws = rng.standard_normal((2**10, 4000)), rng.standard_normal(4000)
+
     @quick_jit
-    def run():
-        la, dw = _fine_path(2**10, jax.random.key(0), (4000,))
+    def run(draws, x_draws):
+        la, dw = _fine_path(draws)
         la_mid = 0.5 * (la[1:] + la[:-1])
         v0, v_T = _v(la[-1], SDE_S2), _v(la[0], SDE_S2)
         phi_r = jnp.exp(la_mid - la[-1]) * v0 / _v(la_mid, SDE_S2)
         beta_dt = 2.0 * (la[1:] - la[:-1])
         k_quad = jnp.sum(phi_r * jnp.exp(la_mid) / _v(la_mid, SDE_S2) * beta_dt)
         k_closed = (1.0 - v0 / v_T) / (jnp.exp(la[-1]) * (1.0 - SDE_S2))
-        x_T = jnp.exp(la[0]) * MU + jnp.sqrt(v_T) * jax.random.normal(
-            jax.random.key(1), (4000,), jnp.float64
-        )
+        x_T = jnp.exp(la[0]) * MU + jnp.sqrt(v_T) * x_draws
         x0 = _pathwise_x0(la, dw, x_T, MU, SDE_S2)
         return k_quad, k_closed, jnp.mean(x0), jnp.var(x0), jnp.exp(la[-1]) * MU, v0
 
-    k_quad, k_closed, mean, var, mean_want, var_want = run()
+    k_quad, k_closed, mean, var, mean_want, var_want = run(draws, x_draws)
     np.testing.assert_allclose(k_quad, k_closed, rtol=1e-5)
     np.testing.assert_allclose(mean, mean_want, atol=0.05)
     np.testing.assert_allclose(var, var_want, rtol=0.08)
@@ -330,20 +336,21 @@ def test_sde_adjoint_converges_to_pathwise_gradient(solver):
     """With an SDE sampler, AdjointDEIS solves the SDE adjoint along the sampled path and
     converges to the exact pathwise gradient of the diffusion SDE as N grows.
 
-    What is measured (RMS over 8 Brownian paths, N = 32..256, every N driven by the same
-    paths): dL/dx_T and dL/dmu do not depend on the path for Gaussian data, so their errors
-    are deterministic and the fitted slope is the method's order: measured 0.96 and 0.96
-    (asserted within 0.3 of 1). dL/ds^2 depends on the path; its error is a strong
-    (pathwise) error with random fluctuations (measured slopes 0.9 to 1.3 for these paths),
-    so only a slope of at least 0.6 and a threefold decrease are asserted. The exact
-    discrete gradient (DiscreteAdjoint) is checked to converge to the same oracle, which
-    validates the oracle independently of AdjointDEIS.
+    What is measured: RMS errors over 32 Brownian paths, N = 32, 90, 256, every N driven by
+    the same paths. dL/dx_T and dL/dmu do not depend on the path for Gaussian data, so
+    their errors are deterministic; fitted slopes 0.96 and 0.96. dL/ds^2 depends on the
+    path: its error is a strong (pathwise) error, a random quantity; fitted slopes 1.05
+    (noise form) and 1.10 (data form, 2nd order) for these paths, 0.96 to 1.11 over three
+    seeds (with only 8 paths it varied from 0.67 to 1.2). All three slopes are asserted
+    within 0.3 of 1, with a threefold decrease of the s^2 error. The exact discrete
+    gradient (DiscreteAdjoint) is checked to converge to the same oracle, which validates
+    the oracle independently of AdjointDEIS (for the data-prediction SDE sampler its
+    dL/dx_T and dL/dmu are even exact at every N, to rounding).
     """
     errs = np.asarray([sde_errors(n, solver, jadeis.AdjointDEIS(order=1)) for n in SDE_NS])
     orders = [fitted_order(SDE_NS, errs[:, j]) for j in range(3)]
-    assert abs(orders[0] - 1.0) < 0.3, (orders, errs)
-    assert abs(orders[1] - 1.0) < 0.3, (orders, errs)
-    assert orders[2] > 0.6, (orders, errs)
+    for name, p in zip(("x_T", "z", "params"), orders):
+        assert abs(p - 1.0) < 0.3, (name, orders, errs)
     assert errs[-1, 2] < errs[0, 2] / 3.0, errs
     # the discrete gradient of the same sampler tends to the same limit
     disc = np.asarray([sde_errors(n, solver, jadeis.DiscreteAdjoint()) for n in SDE_NS[::2]])
