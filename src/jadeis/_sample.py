@@ -288,10 +288,15 @@ def solve_adjoint(
     grad_x0 = jnp.asarray(grad_x0)
     if trajectory is not None:
         trajectory = jnp.asarray(trajectory)
-        if trajectory.shape != (n + 1,) + grad_x0.shape:
+        if trajectory.ndim < 1 or trajectory.shape[0] != n + 1:
             raise ValueError(
-                f"{where}: trajectory must have shape (N + 1,) + x_0.shape = "
-                f"{(n + 1,) + grad_x0.shape} for ts of length {n + 1}, got {trajectory.shape}."
+                f"{where}: trajectory must hold the N + 1 = {n + 1} states at the times of ts "
+                f"(shape (N + 1,) + x_0.shape), got shape {trajectory.shape}."
+            )
+        if trajectory.shape[1:] != grad_x0.shape:
+            raise ValueError(
+                f"{where}: grad_x0 must have the shape of x_0 = trajectory[-1], "
+                f"{trajectory.shape[1:]}, got {grad_x0.shape}."
             )
     else:
         x_0 = jnp.asarray(x_0)
@@ -363,7 +368,10 @@ def solve_adjoint(
             resolve=resolve,
         )
     else:
-        raise ValueError(f"{where}: unsupported adjoint {adjoint!r}.")
+        raise ValueError(
+            f"{where}: adjoint must be jadeis.AdjointDEIS(...) or jadeis.DiscreteAdjoint(), "
+            f"got {adjoint!r}."
+        )
 
     if isinstance(z_in, ConditioningFn):
         _, vjp = jax.vjp(lambda p: ConditioningFn(z_in.fn, p).per_step(ts), z_in.params)
