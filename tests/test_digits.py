@@ -35,14 +35,15 @@ def test_bundled_weights_are_small_msgpack_files_with_a_manifest():
 
 
 def test_weights_load_in_under_a_second():
-    """In a fresh interpreter (after importing jax), loading all four models takes < 1 s."""
+    """In a fresh interpreter (after importing jax), loading all four models takes < 1 s of
+    CPU time (process time, so that other jobs on a shared machine do not make it flaky)."""
     code = textwrap.dedent(
         """
         import time, jax
         from jadeis.digits import load_denoiser, load_verifiers
-        t = time.perf_counter()
+        t = time.process_time()
         load_denoiser(); load_verifiers()
-        print(time.perf_counter() - t)
+        print(time.process_time() - t)
         """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -108,6 +109,7 @@ def test_verifier_thresholds_are_at_one_per_mille_fmr():
     for v in verifiers:
         gen, imp = pair_scores(v.net, v.params, "val")
         assert np.mean(imp > v.threshold) <= 1e-3  # the calibration split: FMR <= 0.1%
+        assert np.sum(np.abs(imp - v.threshold) < 5e-6) == 0  # no pair on the boundary
         assert np.mean(imp >= np.quantile(imp, 0.99)) > 1e-3  # ... and not trivially so
         gen_t, imp_t = pair_scores(v.net, v.params, "test")
         assert np.mean(imp_t > v.threshold) < 5e-3  # generalises to the test split
@@ -180,10 +182,9 @@ pairs = candidate_pairs(verifiers)[:6]  # 6 morphs: padded to 8 over 4 devices
 out = {}
 for shard in (True, False):
     rep = run_morphs(model, verifiers, pairs, steps=6, iters=3,
-                     methods=("latent", "adjointdeis1_sde"), progress=False,
+                     methods=("adjointdeis1_sde",), progress=False,
                      shard=shard)
-    out[str(shard)] = [[r.morphs.tolist(), r.accepted.tolist(),
-                        None if r.losses is None else r.losses.tolist(), r.devices]
+    out[str(shard)] = [[r.morphs.tolist(), r.accepted.tolist(), r.losses.tolist(), r.devices]
                        for r in rep.results]
 print(json.dumps(out))
 """
@@ -204,6 +205,5 @@ def test_sharded_morphs_match_one_device():
     for (m4, acc4, l4, dev4), (m1, acc1, l1, dev1) in zip(res["True"], res["False"]):
         assert dev4 == 4 and dev1 == 1
         np.testing.assert_allclose(m4, m1, atol=2e-5)
-        if l1 is not None:
-            np.testing.assert_allclose(l4, l1, atol=2e-5)
+        np.testing.assert_allclose(l4, l1, atol=2e-5)
         assert acc4 == acc1

@@ -147,7 +147,7 @@ def test_progress_bar_shows_the_loss(capsys):
         ORACLE.eps_fn,
         0.09,
         jnp.ones((1, 2)),
-        None,
+        jnp.zeros((1, 2)),
         schedule=SCH,
         ts=TS,
         optimizer=optax.adam(0.1),
