@@ -332,14 +332,31 @@ def deis_backward(
     kappa = 2.0 if sde else 1.0
     # interval of the sampling grid holding each adjoint point (for per-step z)
     idx = jnp.clip(jnp.sum(ts[None, 1:] > u[:-1, None], axis=1), 0, n - 1)
+    # The z/params integrals are linear in the per-step VJPs F_j = kappa alpha_j a^T eps_p:
+    # step j adds (sigma_t/alpha_t) sum_q w[j, q] F_{j-q}, so F_i enters with the scalar
+    # coef[i, q] = kappa alpha_i (sigma_t/alpha_t)_{i+q} w[i+q, q] at step i + q. Applying
+    # these scalars as soon as F_i is computed gives the same sums without keeping k - 1
+    # params-sized VJPs in the scan carry (memory and work independent of the order).
+    cz_all = s_t / a_t
+    coef = (
+        jnp.stack(
+            [jnp.concatenate([cz_all[q:] * w[q:, q], jnp.zeros((q,), w.dtype)]) for q in range(k)],
+            axis=1,
+        )
+        * (kappa * a_s)[:, None]
+    )
+    coef_idx = jnp.stack(
+        [jnp.concatenate([idx[q:], jnp.full((q,), idx[-1], idx.dtype)]) for q in range(k)],
+        axis=1,
+    )
     inputs = (
         cast(u[:-1], dtype),
         cast(w, dtype),
         cast(a_s / a_t, dtype),  # a_x decay
         cast(s_t / a_t**2, dtype),  # scale of the x-integral
-        cast(s_t / a_t, dtype),  # scale of the z/params integrals
         cast(kappa * a_s**2, dtype),  # F_x = kappa alpha_s^2 a^T eps_x
-        cast(kappa * a_s, dtype),  # F_z = kappa alpha_s a^T eps_z
+        cast(coef, dtype),  # weights of this step's z/params VJP at steps j, j+1, ...
+        coef_idx,  # ... which belong to these sampling intervals (per-step z)
         cast(a_t / a_s, dtype),  # reconstruction: x decay
         cast(s_t, dtype),  # reconstruction: eps scale
         idx,
@@ -348,8 +365,8 @@ def deis_backward(
     )
 
     def body(carry, inp):
-        ax, x, eps_hist, fx_hist, fp_hist, fz_hist, pbar, zbar = carry
-        s, wj, decay, cx, cz, fxs, fzs, rdecay, rscale, i, x_c, tb = inp
+        ax, x, eps_hist, fx_hist, pbar, zbar = carry
+        s, wj, decay, cx, fxs, cj, cidx, rdecay, rscale, i, x_c, tb = inp
         x_here = x if x_c is None else x_c
         if tb is not None:
             ax = ax + tb
@@ -357,43 +374,31 @@ def deis_backward(
         eps, vjp = jax.vjp(lambda xx, p, zz: eps_fn(p, xx, s, zz), x_here, params, z_j)
         gx, gp, gz = vjp(ax)
         fx = fxs * gx
-        fp = _scale(fzs, gp)
-        fz = _scale(fzs, gz)
         ws = [wj[q] for q in range(k)]
         new_ax = decay * ax + cx * _combine(ws, (fx,) + fx_hist)
-        pbar = _add(pbar, _scale(cz, _combine(ws, (fp,) + fp_hist)))
-        z_inc = _scale(cz, _combine(ws, (fz,) + fz_hist))
+        total = jnp.sum(cj)
+        pbar = _add(pbar, _scale(total, gp))
         if per_step:
-            zbar = jax.tree.map(lambda acc, g: acc.at[i].add(g), zbar, z_inc)
+            for q in range(k):
+                zbar = jax.tree.map(
+                    lambda acc, g, q=q: acc.at[cidx[q]].add(cj[q].astype(g.dtype) * g), zbar, gz
+                )
         else:
-            zbar = _add(zbar, z_inc)
+            zbar = _add(zbar, _scale(total, gz))
         if x_c is None:
             x = rdecay * x - rscale * _combine(ws, (eps,) + eps_hist)
             eps_hist = ((eps,) + eps_hist)[: k - 1]
-        keep = k - 1
-        carry = (
-            new_ax,
-            x,
-            eps_hist,
-            ((fx,) + fx_hist)[:keep],
-            ((fp,) + fp_hist)[:keep],
-            ((fz,) + fz_hist)[:keep],
-            pbar,
-            zbar,
-        )
+        carry = (new_ax, x, eps_hist, ((fx,) + fx_hist)[: k - 1], pbar, zbar)
         return carry, (ax if need_ax_path else None)
 
     x_start = x_0 if reconstruct else None
     zeros_x = jnp.zeros_like(x0_bar)
     eps_hist0 = tuple(zeros_x for _ in range(k - 1)) if reconstruct else ()
     fx_hist0 = tuple(zeros_x for _ in range(k - 1))
-    fp_hist0 = tuple(_zeros_like_grad(params) for _ in range(k - 1))
-    z_like = z_at(z, 0, per_step)
-    fz_hist0 = tuple(_zeros_like_grad(z_like) for _ in range(k - 1))
     zbar0 = _zeros_like_grad(z.values if per_step else z)
     pbar0 = _zeros_like_grad(params)
-    carry0 = (x0_bar, x_start, eps_hist0, fx_hist0, fp_hist0, fz_hist0, pbar0, zbar0)
-    (ax, _, _, _, _, _, pbar, zbar), ax_path = lax.scan(body, carry0, inputs)
+    carry0 = (x0_bar, x_start, eps_hist0, fx_hist0, pbar0, zbar0)
+    (ax, _, _, _, pbar, zbar), ax_path = lax.scan(body, carry0, inputs)
     if traj_bar is not None:
         ax = ax + traj_bar[0]
     if per_step:
