@@ -76,16 +76,22 @@ class Method:
     counts: Callable | None = None  # counts(N) -> (evals, vjps) for fixed grids
     forward_key: str = ""  # methods sharing a forward pass share its timing
     note: str = ""
+    spacing: str = "logsnr"  # time_grid spacing of the fixed-grid settings
 
 
-def _loss_grad(problem, x0_fn):
-    """grad(x_T, z, params, extra) -> (x0, gx, gz, gp, num_steps) from x0_fn -> (x0, steps)."""
+def _loss_grad(problem, x0_fn, xT_only=False):
+    """grad(x_T, z, params, extra) -> (x0, gx, gz, gp, num_steps) from x0_fn -> (x0, steps).
+
+    With ``xT_only``, only dL/dx_T is computed (gz, gp are None): the guidance use case."""
 
     def total(x_T, z, params, extra):
         x0, steps = x0_fn(x_T, z, params, extra)
         return problem.loss_fn(x0), (x0, steps)
 
     def grad(x_T, z, params, extra):
+        if xT_only:
+            (_, (x0, steps)), gx = jax.value_and_grad(total, has_aux=True)(x_T, z, params, extra)
+            return x0, gx, None, None, steps
         (_, (x0, steps)), (gx, gz, gp) = jax.value_and_grad(total, argnums=(0, 1, 2), has_aux=True)(
             x_T, z, params, extra
         )
@@ -94,8 +100,8 @@ def _loss_grad(problem, x0_fn):
     return grad
 
 
-def jadeis_method(name, solver, adjoint, counts, note=""):
-    def make(problem, eps_fn=None):
+def jadeis_method(name, solver, adjoint, counts, note="", spacing="logsnr"):
+    def make(problem, eps_fn=None, xT_only=False):
         eps_fn = problem.eps_fn if eps_fn is None else eps_fn
 
         def x0_fn(x_T, z, params, ts, adj=adjoint):
@@ -107,10 +113,10 @@ def jadeis_method(name, solver, adjoint, counts, note=""):
         def fwd(x_T, z, params, ts):
             return x0_fn(x_T, z, params, ts, jadeis.DiscreteAdjoint())[0]
 
-        return fwd, _loss_grad(problem, x0_fn)
+        return fwd, _loss_grad(problem, x0_fn, xT_only)
 
-    key = f"jadeis {type(solver).__name__}({solver.order})"
-    return Method(name, "jadeis", "N", make, counts, key, note)
+    key = f"jadeis {type(solver).__name__}({solver.order}) {spacing}"
+    return Method(name, "jadeis", "N", make, counts, key, note, spacing)
 
 
 def _diffrax_solve(problem, eps_fn, variable, solver, controller_fn, adjoint, max_steps):
@@ -163,7 +169,7 @@ def diffrax_adaptive(name, variable, adjoint_name, max_steps=4096):
     def controller_fn(tol, variable):
         return dfx.PIDController(rtol=tol, atol=tol, pcoeff=0.0, icoeff=1.0), None
 
-    def make(problem, eps_fn=None):
+    def make(problem, eps_fn=None, xT_only=False):
         eps_fn = problem.eps_fn if eps_fn is None else eps_fn
         x0_fn = _diffrax_solve(
             problem, eps_fn, variable, dfx.Tsit5(), controller_fn, adjoint, max_steps
@@ -177,7 +183,7 @@ def diffrax_adaptive(name, variable, adjoint_name, max_steps=4096):
             dfx.RecursiveCheckpointAdjoint(),
             max_steps,
         )
-        return (lambda *a: fwd_fn(*a)[0]), _loss_grad(problem, x0_fn)
+        return (lambda *a: fwd_fn(*a)[0]), _loss_grad(problem, x0_fn, xT_only)
 
     return Method(
         name,
@@ -191,7 +197,7 @@ def diffrax_adaptive(name, variable, adjoint_name, max_steps=4096):
 
 
 def diffrax_fixed(name, variable, solver, stages):
-    def make(problem, eps_fn=None):
+    def make(problem, eps_fn=None, xT_only=False):
         eps_fn = problem.eps_fn if eps_fn is None else eps_fn
         sch = problem.schedule
 
@@ -202,7 +208,7 @@ def diffrax_fixed(name, variable, solver, stages):
         x0_fn = _diffrax_solve(
             problem, eps_fn, variable, solver, cfn, dfx.RecursiveCheckpointAdjoint(), None
         )
-        return (lambda *a: x0_fn(*a)[0]), _loss_grad(problem, x0_fn)
+        return (lambda *a: x0_fn(*a)[0]), _loss_grad(problem, x0_fn, xT_only)
 
     # RecursiveCheckpointAdjoint(checkpoints=N) on StepTo stores every state; evaluations
     # and VJPs are counted by instrumentation.
@@ -220,7 +226,7 @@ def diffrax_fixed(name, variable, solver, stages):
 def scan_dpmpp2m(name, checkpoint):
     """A hand-written DPM-Solver++(2M) (first step order 1) in lax.scan, plain reverse mode."""
 
-    def make(problem, eps_fn=None):
+    def make(problem, eps_fn=None, xT_only=False):
         eps_fn = problem.eps_fn if eps_fn is None else eps_fn
         sch = problem.schedule
 
@@ -252,7 +258,7 @@ def scan_dpmpp2m(name, checkpoint):
             (x0, _), _ = lax.scan(body, (x_T, jnp.zeros_like(x_T)), inputs)
             return x0, jnp.asarray(ts.shape[0] - 1)
 
-        return (lambda *a: x0_fn(*a)[0]), _loss_grad(problem, x0_fn)
+        return (lambda *a: x0_fn(*a)[0]), _loss_grad(problem, x0_fn, xT_only)
 
     counts = (lambda n: (2 * n, n)) if checkpoint else (lambda n: (n, n))
     note = (
@@ -284,6 +290,17 @@ def all_methods() -> list[Method]:
                 jadeis.DiscreteAdjoint(),
                 lambda n: (2 * n, n),
                 "exact gradient of the sampler; stores states, rematerialises each step",
+            )
+        )
+    for spacing in ("karras", "quadratic"):
+        ms.append(
+            jadeis_method(
+                f"DiscreteAdjoint DPM++(3M) {spacing} grid",
+                jadeis.DPMSolverPP(order=3),
+                jadeis.DiscreteAdjoint(),
+                lambda n: (2 * n, n),
+                f"as DiscreteAdjoint DPM++(3M), on time_grid(..., spacing={spacing!r})",
+                spacing=spacing,
             )
         )
     ms.append(
