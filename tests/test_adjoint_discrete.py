@@ -326,8 +326,9 @@ def _dl_dx0(x0):
 @pytest.mark.parametrize("z_kind", ["dict", "fn"])
 def test_solve_adjoint_matches_sample(z_kind):
     """solve_adjoint (under jit) reproduces sample's gradients: trajectory= equals the
-    cached AdjointDEIS gradient, x_0= equals reconstruct mode, and DiscreteAdjoint with the
-    solver equals sample's DiscreteAdjoint. The result is an AdjointResult with fields
+    cached AdjointDEIS gradient (also with steps=M != N, the states re-solved from
+    trajectory[0] with the given solver), x_0= equals reconstruct mode, and DiscreteAdjoint
+    with the solver equals sample's DiscreteAdjoint. The result is an AdjointResult with fields
     x_T, z, params."""
     z = Z_KINDS[z_kind]
     solver = jadeis.DPMSolverPP(order=2)
@@ -350,6 +351,19 @@ def test_solve_adjoint_matches_sample(z_kind):
             "reconstruct": (
                 jadeis.solve_adjoint(eps_fn, PARAMS, z, gx0, x_0=x0, adjoint=deis, **common),
                 _grads(solver, jadeis.AdjointDEIS(order=2, trajectory="reconstruct"), z),
+            ),
+            "steps": (
+                jadeis.solve_adjoint(
+                    eps_fn,
+                    PARAMS,
+                    z,
+                    gx0,
+                    trajectory=traj,
+                    adjoint=jadeis.AdjointDEIS(order=2, steps=11),
+                    solver=solver,
+                    **common,
+                ),
+                _grads(solver, jadeis.AdjointDEIS(order=2, steps=11), z),
             ),
             "discrete": (
                 jadeis.solve_adjoint(

@@ -306,9 +306,11 @@ def deis_backward(
 ):
     """Solve the continuous adjoint equations from ts[-1] back to ts[0].
 
-    ``states`` (N + 1 states at ``ts``) for cached mode, or None to reconstruct from
-    ``x_0``. ``resolve(ts_desc)`` re-solves the forward states on another grid (cached mode
-    with M != N). Returns ``(x_T, params, z, a_x at the sampling grid points or None)``.
+    ``states`` (the states at ``ts``: at least the first N; the final one is ``x_0`` when
+    given, else ``states[N]``) for cached mode, or None to reconstruct from ``x_0``.
+    ``resolve(ts_desc)`` re-solves the forward states on another grid (cached mode with
+    M != N) and returns ``(final state, the M states before it)``. Returns
+    ``(x_T, params, z, a_x at the sampling grid points or None)``.
     """
     n = ts.shape[0] - 1
     m = adjoint.num_steps(n)
@@ -319,9 +321,16 @@ def deis_backward(
         u = ts[::-1]
     else:
         u = time_grid(schedule, m, "logsnr", t_start=ts[0], t_end=ts[-1], dtype=ts.dtype)[::-1]
-    cached_x = None
+    # The cached states (at the descending times u[::-1]) are read inside the scan by index:
+    # a reversed or concatenated copy would hold a second M x |x| buffer.
+    cached_x = x_final = None
     if not reconstruct:
-        cached_x = states[::-1] if m == n else resolve(u[::-1])[::-1]
+        if m == n:
+            cached_x = states
+            x_final = x_0 if x_0 is not None else states[n]
+        else:
+            x_final, cached_x = resolve(u[::-1])
+    back = jnp.arange(m, 0, -1)  # adjoint step j starts from the state/grid point m - j
     lam = schedule.log_snr(u)
     lam_s, lam_t, lam_1, lam_2 = lambda_history(lam)
     orders = jnp.asarray(effective_orders(k, m, lower_order_final=False))
@@ -360,16 +369,19 @@ def deis_backward(
         cast(a_t / a_s, dtype),  # reconstruction: x decay
         cast(s_t, dtype),  # reconstruction: eps scale
         idx,
-        None if reconstruct else cached_x[:-1],
-        None if traj_bar is None else traj_bar[::-1][:-1],
+        back,
     )
 
     def body(carry, inp):
         ax, x, eps_hist, fx_hist, pbar, zbar = carry
-        s, wj, decay, cx, fxs, cj, cidx, rdecay, rscale, i, x_c, tb = inp
-        x_here = x if x_c is None else x_c
-        if tb is not None:
-            ax = ax + tb
+        s, wj, decay, cx, fxs, cj, cidx, rdecay, rscale, i, b = inp
+        if reconstruct:
+            x_here = x
+        else:
+            x_here = lax.dynamic_index_in_dim(cached_x, jnp.minimum(b, m - 1), keepdims=False)
+            x_here = jnp.where(b == m, x_final, x_here)
+        if traj_bar is not None:
+            ax = ax + lax.dynamic_index_in_dim(traj_bar, b, keepdims=False)
         z_j = z_at(z, i, per_step)
         eps, vjp = jax.vjp(lambda xx, p, zz: eps_fn(p, xx, s, zz), x_here, params, z_j)
         gx, gp, gz = vjp(ax)
@@ -385,7 +397,7 @@ def deis_backward(
                 )
         else:
             zbar = _add(zbar, _scale(total, gz))
-        if x_c is None:
+        if reconstruct:
             x = rdecay * x - rscale * _combine(ws, (eps,) + eps_hist)
             eps_hist = ((eps,) + eps_hist)[: k - 1]
         carry = (new_ax, x, eps_hist, ((fx,) + fx_hist)[: k - 1], pbar, zbar)
@@ -413,11 +425,21 @@ def _deis(static, params, x_T, z, schedule, ts, noise):
 
 def _deis_fwd(static, params, x_T, z, schedule, ts, noise):
     cached = static.adjoint.trajectory == "cached"
-    x_0, states = forward(
-        static, params, x_T, z, schedule, ts, noise, save=cached or static.return_trajectory
+    # the residual is the scan's buffer of the N states before x_0 (no appended copy)
+    x_0, head = forward(
+        static,
+        params,
+        x_T,
+        z,
+        schedule,
+        ts,
+        noise,
+        save=cached or static.return_trajectory,
+        append_final=False,
     )
-    out = (x_0, states if static.return_trajectory else None)
-    residual_states = states if cached else None
+    traj = jnp.concatenate([head, x_0[None]], axis=0) if static.return_trajectory else None
+    out = (x_0, traj)
+    residual_states = head if cached else None
     return out, (params, x_T, z, schedule, ts, noise, residual_states, x_0)
 
 
@@ -427,7 +449,9 @@ def _deis_bwd(static, res, ct):
     sde = static.solver.stochastic
 
     def resolve(ts_desc):
-        return forward(static, params, x_T, z, schedule, ts_desc, noise, save=True)[1]
+        return forward(
+            static, params, x_T, z, schedule, ts_desc, noise, save=True, append_final=False
+        )
 
     xT_bar, pbar, zbar, ax_path = deis_backward(
         static.eps_fn,

@@ -60,9 +60,13 @@ def step_inputs(static: Static, schedule, ts, dtype):
     )
 
 
-def forward(static: Static, params, x_T, z, schedule, ts, noise, *, save: bool):
+def forward(
+    static: Static, params, x_T, z, schedule, ts, noise, *, save: bool, append_final: bool = True
+):
     """Run the sampler. Returns ``(x_0, states)``; ``states`` has the N + 1 states at every
-    time of ``ts`` when ``save`` (else None)."""
+    time of ``ts`` when ``save`` (else None). With ``append_final=False`` it has only the N
+    states x_T, ..., x_{N-1} at the start of each step: the scan's own output buffer, with
+    no (N + 1)-state copy made by appending x_0 (for gradient residuals)."""
     solver = static.solver
     k = solver.order
 
@@ -80,6 +84,6 @@ def forward(static: Static, params, x_T, z, schedule, ts, noise, *, save: bool):
 
     hist0 = tuple(jnp.zeros_like(x_T) for _ in range(k - 1))
     (x_0, _), states = lax.scan(body, (x_T, hist0), step_inputs(static, schedule, ts, x_T.dtype))
-    if save:
+    if save and append_final:
         states = jnp.concatenate([states, x_0[None]], axis=0)
     return x_0, states

@@ -350,7 +350,17 @@ def solve_adjoint(
         static = Static(eps_fn, resolver, adjoint, per_step, "none", False)
 
         def resolve(ts_desc):
-            return forward(static, params, trajectory[0], z, schedule, ts_desc, None, save=True)[1]
+            return forward(
+                static,
+                params,
+                trajectory[0],
+                z,
+                schedule,
+                ts_desc,
+                None,
+                save=True,
+                append_final=False,
+            )
 
         xT_bar, pbar, zbar, _ = deis_backward(
             eps_fn,
