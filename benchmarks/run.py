@@ -36,7 +36,12 @@ import problems as P  # noqa: E402
 TARGET_EPS = (1e-2, 1e-3)
 FWD_NS = (64, 256)  # forward sampling is timed at these N (and at every tolerance)
 XT_ONLY_AT = (64, 1e-5)  # settings at which the dL/dx_T-only gradient is timed too
-STOP_ERR = 2e-4  # a method's sweep stops once its gradient error is below this
+STOP_ERR = 2e-4
+REDUNDANT = (
+    "DiscreteAdjoint DPM++(2M)",
+    "Backprop DPM(2M)",
+    "diffrax Euler (t)",
+)  # a method's sweep stops once its gradient error is below this
 
 
 def log(*a):
@@ -226,8 +231,9 @@ def sweep_problem(problem, ms, *, quick, reps, time_budget_s):
             )
             if errs["err_grad"] < STOP_ERR:
                 break  # more accuracy than the targets ask for
-            if method.variable == "N" and setting >= 256 and errs["err_grad"] > 0.1:
-                log(f"    {method.name}: error > 0.1 at N={setting}; larger N not tried")
+            if method.variable == "N" and setting >= 256 and errs["err_grad"] > 3e-2:
+                # even third order would not reach 1e-3 at twice the steps
+                log(f"    {method.name}: error > 3e-2 at N={setting}; larger N not tried")
                 break
             if run_time > time_budget_s:
                 log(f"    {method.name}: run-time budget of {time_budget_s:.0f}s spent; stopping")
@@ -279,7 +285,7 @@ def compile_table(problem, ms):
 def memory_sweep(quick):
     problem = P.mlp_problem(batch=512, log=log)
     problem.reference = {}
-    ns = [10, 100, 1000] if quick else [10, 30, 100, 300, 1000]
+    ns = [10, 100, 1000]
     names = [
         "AdjointDEIS-1 reconstruct",
         "AdjointDEIS-2 reconstruct",
@@ -343,15 +349,12 @@ def e2e(problem, sweep_rows, *, quick):
             if r["method"] not in chosen or r["t_grad_s"] < chosen[r["method"]]["t_grad_s"]:
                 chosen[r["method"]] = r
     wanted = [
-        "AdjointDEIS-2 reconstruct",
         "AdjointDEIS-3 cached",
         "DiscreteAdjoint DPM++(3M)",
         "DiscreteAdjoint DPM++(3M) karras grid",
         "Backprop DPM++(3M)",
         "diffrax Tsit5 Backsolve (t)",
         "diffrax Tsit5 RecursiveCheckpoint (t)",
-        "diffrax Tsit5 RecursiveCheckpoint (rho)",
-        "diffrax Heun (rho)",
         "scan DPM++(2M) + checkpoint",
     ]
     # a reachable target: the exact x_0 of another x_T
@@ -670,6 +673,7 @@ def main(argv=None):
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--no-cache", action="store_true", help="no persistent compilation cache")
     ap.add_argument("--no-grid-study", action="store_true", help="skip grid_study.py (full)")
+    ap.add_argument("--all-methods", action="store_true", help="also the redundant variants")
     ap.add_argument("--summarize", default=None, help="only rebuild summary/plots from a folder")
     args = ap.parse_args(argv)
     if args.summarize:
@@ -689,7 +693,11 @@ def main(argv=None):
     log(json.dumps(info, indent=1))
 
     problems = P.build_problems(names, quick=args.quick, log=log)
-    all_ms = M.all_methods()
+    # dominated or redundant variants (kept in methods.py, run with --all-methods):
+    # DiscreteAdjoint (2M) and Backprop DPM(2M) (within noise of, or slower than, the (3M)
+    # forms in a full run with them), Euler in t (first order: never reaches 1e-2)
+    skip = () if args.all_methods else REDUNDANT
+    all_ms = [m for m in M.all_methods() if m.name not in skip]
     rows = []
     for p in problems:
         ms = all_ms
