@@ -12,7 +12,7 @@ from jax import lax
 
 from ._adjoint import Backprop
 from ._conditioning import ConditioningFn, PerStep, z_at
-from ._core import Static, cast, forward, model_output
+from ._core import Static, cast, forward, model_output, step_inputs
 from ._sample import _check_model, _check_solver, _check_ts, _prepare_z, _validate_ts_values
 from ._schedule import AbstractSchedule
 from ._solver import DDIM, AbstractSolver, SDEDPMSolver
@@ -161,8 +161,6 @@ def encode_sde(
                 f"got {path.shape}."
             )
         path = path.at[-1].set(x_0)
-    co = solver.coefficients(schedule, ts)
-    t_s = ts[:-1]
     static = Static(eps_fn, solver, Backprop(), per_step, "none", False)
     k = solver.order
 
@@ -174,17 +172,7 @@ def encode_sde(
             pred = pred + b[j + 1] * h
         return ((m,) + hist)[: k - 1], (x_next - pred) / c
 
-    inputs = (
-        jnp.arange(n),
-        cast(t_s, dtype),
-        cast(co.a, dtype),
-        cast(co.b, dtype),
-        cast(co.c, dtype),
-        cast(schedule.alpha(t_s), dtype),
-        cast(schedule.sigma(t_s), dtype),
-        path[:-1],
-        path[1:],
-    )
+    inputs = step_inputs(static, schedule, ts, dtype) + (path[:-1], path[1:])
     hist0 = tuple(jnp.zeros_like(x_0) for _ in range(k - 1))
     _, noise = lax.scan(body, hist0, inputs)
     return path[0], noise
