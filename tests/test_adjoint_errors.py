@@ -114,7 +114,7 @@ def sample(**kw):
         ),
         (
             lambda: solve(trajectory=TRAJ, adjoint=jadeis.AdjointDEIS(steps=3), sde=True),
-            ["sde=True", "steps"],
+            ["SDE sampler", "steps must be None"],
         ),
     ],
     ids=lambda v: "" if callable(v) else "-".join(v[:1]),

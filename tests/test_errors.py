@@ -49,14 +49,15 @@ OUTSIDE = "ts has times outside the schedule's range"
     ids=["non-monotone", "repeated", "ascending", "zero", "below-t_min", "above-t_max"],
 )
 def test_bad_ts_values(bad_ts, match):
-    with pytest.raises(RuntimeError, match=match):
+    # a concrete ts is checked eagerly, before compiling: a plain ValueError
+    with pytest.raises(ValueError, match=match):
         run(ts=bad_ts)
 
 
 def test_bad_ts_message_names_the_fix():
-    with pytest.raises(RuntimeError, match=r"jadeis.time_grid\(schedule, n\)"):
+    with pytest.raises(ValueError, match=r"jadeis.time_grid\(schedule, n\)"):
         run(ts=TS[::-1])
-    with pytest.raises(RuntimeError, match=r"\[t_min, t_max\] = \[0.001, 1.0\]"):
+    with pytest.raises(ValueError, match=r"\[t_min, t_max\] = \[0.001, 1.0\]"):
         run(ts=TS.at[-1].set(0.0))
 
 
@@ -107,15 +108,21 @@ def test_bad_ts_shape(bad_ts, match):
         lambda: jadeis.DPMSolver(order=True),
         lambda: jadeis.DPMSolverPP(order=4),
         lambda: jadeis.DPMSolverPP(order=-1),
-        lambda: jadeis.DDIM(order=2),
         lambda: jadeis.SDEDPMSolver(order=2),
         lambda: jadeis.SDEDPMSolverPP(order=3),
     ],
-    ids=["dpm4", "dpm0", "dpm-float", "dpm-bool", "pp4", "pp-1", "ddim2", "sde2", "sdepp3"],
+    ids=["dpm4", "dpm0", "dpm-float", "dpm-bool", "pp4", "pp-1", "sde2", "sdepp3"],
 )
 def test_unsupported_order(make):
     with pytest.raises(ValueError, match=r"order must be .*got order="):
         make()
+
+
+def test_ddim_has_no_order_to_set():
+    # DDIM is first order: it exposes no order or lower_order_final that could only be 1
+    assert jadeis.DDIM().order == 1
+    with pytest.raises(TypeError, match="order"):
+        jadeis.DDIM(order=2)
 
 
 def test_order_message_lists_the_allowed_orders():

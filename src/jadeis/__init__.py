@@ -14,6 +14,7 @@ from ._parameterisation import as_eps_fn as as_eps_fn
 from ._sample import (
     AdjointResult as AdjointResult,
     sample as sample,
+    sample_trajectory as sample_trajectory,
     solve_adjoint as solve_adjoint,
 )
 from ._schedule import (

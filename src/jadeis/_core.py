@@ -1,4 +1,10 @@
-"""The forward sampling loop shared by every gradient strategy."""
+"""The sampling loop shared by every entry point and gradient strategy.
+
+A sampling problem is split, as ``jax.custom_vjp`` wants it, into a hashable static part
+(:class:`Problem`: the model function, the solver, the strategy and a few flags) and the
+differentiable arguments (:class:`Args`: ``params, x_T, z, schedule, ts, noise``). The loop
+is one ``lax.scan`` over ``solver.step``; it knows nothing about any particular solver.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,13 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 
 from ._conditioning import z_at
 from ._solver import AbstractSolver
 
 
-class Static(NamedTuple):
+class Problem(NamedTuple):
     """Hashable, trace-time configuration of one sampling problem."""
 
     eps_fn: Callable
@@ -24,66 +29,80 @@ class Static(NamedTuple):
     return_trajectory: bool
 
 
-def cast(v, dtype):
-    return jnp.asarray(v).astype(dtype)
+class Args(NamedTuple):
+    """The differentiable arguments of one sampling problem."""
+
+    params: Any
+    x_T: Any
+    z: Any
+    schedule: Any
+    ts: Any
+    noise: Any  # None, raw key data, or an (N,) + x_T.shape array
 
 
-def model_output(static: Static, params, x, t, z, alpha, sigma):
-    """The model output in the solver's parameterisation (eps or data)."""
-    eps = static.eps_fn(params, x, t, z)
-    if static.solver.prediction == "data":
-        return (x - sigma * eps) / alpha
-    return eps
+def bind_model(problem: Problem, params, z_i) -> Callable:
+    """``model(x, t)``: the noise prediction with parameters and conditioning bound."""
+    eps_fn = problem.eps_fn
+    return lambda x, t: eps_fn(params, x, t, z_i)
 
 
-def draw_noise(static: Static, noise, i, x):
-    """Gaussian noise of step ``i``: from the key (folded with i) or the supplied array."""
-    if static.noise_mode == "key":
+def draw_noise(problem: Problem, noise, i, x):
+    """Gaussian noise of step ``i`` (None for ODE solvers): from the key folded with ``i``,
+    or row ``i`` of the supplied array."""
+    if not problem.solver.stochastic:
+        return None
+    if problem.noise_mode == "key":
         key = jax.random.wrap_key_data(noise)
         return jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
     return noise[i].astype(x.dtype)
 
 
-def step_inputs(static: Static, schedule, ts, dtype):
-    """Per-step scan inputs: index, time, a, b, c, alpha_s, sigma_s (all in ``dtype``)."""
-    co = static.solver.coefficients(schedule, ts)
-    n = ts.shape[0] - 1
-    t_s = ts[:-1]
-    return (
-        jnp.arange(n),
-        cast(t_s, dtype),
-        cast(co.a, dtype),
-        cast(co.b, dtype),
-        cast(co.c, dtype),
-        cast(schedule.alpha(t_s), dtype),
-        cast(schedule.sigma(t_s), dtype),
-    )
+def solver_inputs(problem: Problem, schedule, ts, dtype):
+    """The solver's per-step inputs, with the step index prepended."""
+    return problem.solver.inputs(schedule, ts, dtype)
 
 
-def forward(
-    static: Static, params, x_T, z, schedule, ts, noise, *, save: bool, append_final: bool = True
-):
-    """Run the sampler. Returns ``(x_0, states)``; ``states`` has the N + 1 states at every
-    time of ``ts`` when ``save`` (else None). With ``append_final=False`` it has only the N
-    states x_T, ..., x_{N-1} at the start of each step: the scan's own output buffer, with
-    no (N + 1)-state copy made by appending x_0 (for gradient residuals)."""
-    solver = static.solver
-    k = solver.order
+def step_fn(problem: Problem, params, z, i, inp, state, noise, x_dtype):
+    """Step ``i`` of the solver with the model, conditioning and noise of that step."""
+    solver = problem.solver
+    model = bind_model(problem, params, z_at(z, i, problem.per_step_z))
+    xi = draw_noise(problem, noise, i, solver.output(state).astype(x_dtype))
+    return solver.step(model, inp, state, xi)
 
-    def body(carry, inp):
-        x, hist = carry
-        i, t, a, b, c, alpha, sigma = inp
-        m = model_output(static, params, x, t, z_at(z, i, static.per_step_z), alpha, sigma)
-        x_next = a * x + b[0] * m
-        for j, h in enumerate(hist):
-            x_next = x_next + b[j + 1] * h
-        if solver.stochastic:
-            x_next = x_next + c * draw_noise(static, noise, i, x)
-        hist = ((m,) + hist)[: k - 1]
-        return (x_next, hist), (x if save else None)
 
-    hist0 = tuple(jnp.zeros_like(x_T) for _ in range(k - 1))
-    (x_0, _), states = lax.scan(body, (x_T, hist0), step_inputs(static, schedule, ts, x_T.dtype))
-    if save and append_final:
-        states = jnp.concatenate([states, x_0[None]], axis=0)
-    return x_0, states
+def num_steps(ts) -> int:
+    return ts.shape[0] - 1
+
+
+def forward(problem: Problem, args: Args, *, save: str | None = None):
+    """Run the sampler from ``args.x_T`` over ``args.ts``.
+
+    ``save`` selects what the scan also returns, per step: ``None`` (nothing), ``"x"`` (the
+    N samples x_T, ..., x_{N-1} at the start of each step, the scan's own buffer) or
+    ``"state"`` (the N solver states at the start of each step). Returns
+    ``(x_0, saved, final_state)``.
+    """
+    solver = problem.solver
+    params, x_T, z, schedule, ts, noise = args
+    dtype = x_T.dtype
+    inputs = solver_inputs(problem, schedule, ts, dtype)
+    n = num_steps(ts)
+
+    def body(state, xs):
+        i, inp = xs
+        new = step_fn(problem, params, z, i, inp, state, noise, dtype)
+        if save == "x":
+            out = solver.output(state)
+        elif save == "state":
+            out = state
+        else:
+            out = None
+        return new, out
+
+    final, saved = lax.scan(body, solver.init(x_T), (jax.numpy.arange(n), inputs))
+    return solver.output(final), saved, final
+
+
+def with_final(saved_x, x_0):
+    """The (N + 1)-state trajectory from the N saved starting states and x_0."""
+    return jax.numpy.concatenate([saved_x, x_0[None]], axis=0)

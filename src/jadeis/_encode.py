@@ -10,30 +10,26 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from . import _validate as V
 from ._adjoint import Backprop
-from ._conditioning import ConditioningFn, PerStep, z_at
-from ._core import Static, cast, forward, model_output, step_inputs
-from ._sample import _check_model, _check_solver, _check_ts, _prepare_z, _validate_ts_values
+from ._conditioning import PerStep, z_at
+from ._core import Args, Problem, bind_model, forward, with_final
 from ._schedule import AbstractSchedule
+from ._solver.base import model_time_dtype
 from ._solver import DDIM, AbstractSolver, SDEDPMSolver
+from ._solver.base import AbstractLinearMultistepSolver
 
 
 def _prepare(eps_fn, params, x_0, z, schedule, ts, solver, where):
-    _check_solver(solver, where)
-    x_0 = jnp.asarray(x_0)
-    if not jnp.issubdtype(x_0.dtype, jnp.floating):
-        raise ValueError(f"{where}: x_0 must be a floating-point array, got dtype {x_0.dtype}.")
-    ts = _check_ts(ts, schedule, where)
-    if isinstance(z, ConditioningFn):
-        z = z.per_step(ts)
-    z, per_step = _prepare_z(z, ts, where)
-    z0 = jax.tree.map(lambda v: v[0], z.values) if per_step else z
-    _check_model(eps_fn, params, x_0, ts[-1].astype(x_0.dtype), z0, where)
-    x_0 = _validate_ts_values(x_0, ts, schedule, where)
+    V.check_solver(solver, where)
+    x_0 = V.check_state(x_0, "x_0", where)
+    ts = V.check_ts(ts, schedule, where)
+    z, per_step, z0 = V.prepare_z(z, ts, where)
+    V.check_model(eps_fn, params, x_0, ts[-1].astype(model_time_dtype(x_0.dtype)),
+                  z0, where)
     return x_0, z, per_step, ts
 
 
-@eqx.filter_jit
 def encode_ode(
     eps_fn: Callable,
     params: Any,
@@ -83,16 +79,24 @@ def encode_ode(
             f"{type(solver).__name__}; for SDE samplers use jadeis.encode_sde."
         )
     x_0, z, per_step, ts = _prepare(eps_fn, params, x_0, z, schedule, ts, solver, where)
-    if per_step:
-        z = PerStep(jax.tree.map(lambda v: v[::-1], z.values))
-    static = Static(eps_fn, solver, Backprop(), per_step, "none", return_trajectory)
-    x_T, states = forward(static, params, x_0, z, schedule, ts[::-1], None, save=return_trajectory)
-    if return_trajectory:
-        return x_T, states[::-1]
-    return x_T
+    problem = Problem(eps_fn, solver, Backprop(), per_step, "none", return_trajectory)
+    return _encode_ode(problem, Args(params, x_0, z, schedule, ts, None))
 
 
 @eqx.filter_jit
+def _encode_ode(problem, args):
+    """The solver's own step on the reversed grid (per-step z reversed with it)."""
+    ts = V.check_ts_traced(args.ts, args.schedule, "encode_ode")
+    z = args.z
+    if problem.per_step_z:
+        z = PerStep(jax.tree.map(lambda v: v[::-1], z.values))
+    args = args._replace(z=z, ts=ts[::-1])
+    x_T, saved, _ = forward(problem, args, save="x" if problem.return_trajectory else None)
+    if problem.return_trajectory:
+        return x_T, with_final(saved, x_T)[::-1]
+    return x_T
+
+
 def encode_sde(
     eps_fn: Callable,
     params: Any,
@@ -148,34 +152,51 @@ def encode_sde(
         )
     if (key is None) == (path is None):
         raise ValueError(f"{where}: give exactly one of key= (to draw the path) or path=.")
+    if not isinstance(solver, AbstractLinearMultistepSolver):
+        raise ValueError(
+            f"{where}: Cycle-SDE encoding needs a linear multistep SDE sampler such as "
+            f"jadeis.SDEDPMSolver(), got {type(solver).__name__}."
+        )
     x_0, z, per_step, ts = _prepare(eps_fn, params, x_0, z, schedule, ts, solver, where)
     n = ts.shape[0] - 1
-    dtype = x_0.dtype
-    if path is None:
-        path = _posterior_path(schedule, ts, x_0, key)
-    else:
-        path = jnp.asarray(path).astype(dtype)
+    if path is not None:
+        path = jnp.asarray(path)
         if path.shape != (n + 1,) + x_0.shape:
             raise ValueError(
                 f"{where}: path must have shape (N + 1,) + x_0.shape = {(n + 1,) + x_0.shape}, "
                 f"got {path.shape}."
             )
-        path = path.at[-1].set(x_0)
-    static = Static(eps_fn, solver, Backprop(), per_step, "none", False)
-    k = solver.order
+    else:
+        _, key = V.prepare_noise(solver, key, None, n, x_0, where)
+    problem = Problem(eps_fn, solver, Backprop(), per_step, "none", False)
+    return _encode_sde(problem, Args(params, x_0, z, schedule, ts, None), key, path)
 
-    def body(hist, inp):
-        i, t, a, b, c, alpha, sigma, x, x_next = inp
-        m = model_output(static, params, x, t, z_at(z, i, per_step), alpha, sigma)
-        pred = a * x + b[0] * m
-        for j, h in enumerate(hist):
-            pred = pred + b[j + 1] * h
-        return ((m,) + hist)[: k - 1], (x_next - pred) / c
 
-    inputs = step_inputs(static, schedule, ts, dtype) + (path[:-1], path[1:])
-    hist0 = tuple(jnp.zeros_like(x_0) for _ in range(k - 1))
-    _, noise = lax.scan(body, hist0, inputs)
+@eqx.filter_jit
+def _encode_sde(problem, args, key, path):
+    params, x_0, z, schedule, ts, _ = args
+    ts = V.check_ts_traced(ts, schedule, "encode_sde")
+    solver = problem.solver
+    dtype = x_0.dtype
+    if path is None:
+        path = _posterior_path(schedule, ts, x_0, jax.random.wrap_key_data(key))
+    else:
+        path = path.astype(dtype).at[-1].set(x_0)
+
+    def body(state, inp):
+        i, row, x_next = inp
+        model = bind_model(problem, params, z_at(z, i, problem.per_step_z))
+        xi, state = solver.noise_of_step(model, row, state, x_next)
+        return state, xi
+
+    n = ts.shape[0] - 1
+    inputs = solver.inputs(schedule, ts, dtype)
+    _, noise = lax.scan(body, solver.init(path[0]), (jnp.arange(n), inputs, path[1:]))
     return path[0], noise
+
+
+def cast(v, dtype):
+    return jnp.asarray(v).astype(dtype)
 
 
 def _posterior_path(schedule, ts, x_0, key):

@@ -55,7 +55,7 @@ def phi(k: int, z):
     return jnp.where(small, series, closed)
 
 
-def multistep_weights(lam_t, lam_s, lam_1, lam_2, kappa: float, order):
+def multistep_weights(lam_t, lam_s, lam_1, lam_2, kappa: float, order, midpoint: bool = False):
     r"""Weights ``w`` with ``int exp(kappa (l - lam_t)) F(l) dl ~= w0 F0 + w1 F1 + w2 F2``.
 
     The integral runs from ``lam_s`` to ``lam_t``; ``F0, F1, F2`` are the values of the
@@ -64,6 +64,11 @@ def multistep_weights(lam_t, lam_s, lam_1, lam_2, kappa: float, order):
     lambdas) selects the degree of the interpolating polynomial, Newton form at ``lam_s``
     integrated exactly with phi-functions. Unused weights are exactly zero, and a history
     point that is not used may hold any finite value.
+
+    With ``midpoint=True`` the order-2 rows use the "midpoint" weight of diffusers and
+    k-diffusion (``solver_type="midpoint"``): the first divided difference is weighted by
+    ``c0 h / 2`` instead of the exact ``c1 = h^2 phi_2(-kappa h)``; the two agree to
+    O(h^3) (docs/math/samplers.md).
 
     Works for any sign of ``h = lam_t - lam_s`` (sampling: h > 0, adjoint: h < 0).
     Returns an array of shape ``broadcast(...) + (3,)``.
@@ -79,8 +84,9 @@ def multistep_weights(lam_t, lam_s, lam_1, lam_2, kappa: float, order):
     h0 = jnp.where(use2, lam_s - lam_1, one)
     h1 = jnp.where(use3, lam_1 - lam_2, one)
     # order 2: F' ~= (F0 - F1) / h0
-    w2_0 = c0 + c1 / h0
-    w2_1 = -c1 / h0
+    c1_2 = 0.5 * h * c0 if midpoint else c1
+    w2_0 = c0 + c1_2 / h0
+    w2_1 = -c1_2 / h0
     # order 3: Newton form, F'(lam_s) = d1 + h0 c, F'' = 2c with c the 2nd divided difference
     gamma = c1 * h0 + 2.0 * c2
     hs = h0 + h1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -9,94 +10,15 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._adjoint import (
-    AbstractAdjoint,
-    AdjointDEIS,
-    Backprop,
-    DiscreteAdjoint,
-    deis_backward,
-    discrete_backward,
-)
-from ._conditioning import ConditioningFn, PerStep
-from ._core import Static, forward
+from . import _validate as V
+from ._adjoint import AbstractAdjoint, AdjointDEIS, DiscreteAdjoint  # noqa: F401
+from ._conditioning import ConditioningFn
+from ._core import Args, Problem
 from ._schedule import AbstractSchedule
-from ._solver import AbstractSolver, DPMSolver, DPMSolverPP
+from ._solver.base import model_time_dtype
+from ._solver import AbstractSolver, DPMSolver, DPMSolverPP, SDEDPMSolver
 
 
-def _check_ts(ts, schedule: AbstractSchedule, where: str):
-    ts = jnp.asarray(ts)
-    if ts.ndim != 1 or ts.shape[0] < 2:
-        raise ValueError(
-            f"{where}: ts must be a 1-D array of at least 2 times (N + 1 for N steps), got "
-            f"shape {ts.shape}. Build one with jadeis.time_grid(schedule, n)."
-        )
-    if not jnp.issubdtype(ts.dtype, jnp.floating):
-        ts = ts.astype(jnp.result_type(float))
-    return ts
-
-
-def _validate_ts_values(x, ts, schedule, where):
-    """Traced checks (equinox.error_if): strictly decreasing and inside the schedule's range."""
-    lo = jnp.asarray(schedule.t_min, ts.dtype)
-    hi = jnp.asarray(schedule.t_max, ts.dtype)
-    x = eqx.error_if(
-        x,
-        jnp.any(ts[1:] >= ts[:-1]),
-        f"{where}: ts must be strictly decreasing (sampling runs from t_max down to t_min); "
-        f"use jadeis.time_grid(schedule, n).",
-    )
-    x = eqx.error_if(
-        x,
-        jnp.any((ts < lo) | (ts > hi)),
-        f"{where}: ts has times outside the schedule's range [t_min, t_max] = "
-        f"[{schedule.t_min}, {schedule.t_max}]; clip ts or build the schedule with a wider range.",
-    )
-    return x
-
-
-def _check_model(eps_fn, params, x, t, z, where):
-    try:
-        out = jax.eval_shape(eps_fn, params, x, t, z)
-    except Exception as e:  # noqa: BLE001 - re-raised with context
-        raise ValueError(
-            f"{where}: calling eps_fn(params, x, t, z) failed for x of shape {x.shape} and "
-            f"dtype {x.dtype}: {type(e).__name__}: {e}"
-        ) from e
-    if not hasattr(out, "shape") or out.shape != x.shape or out.dtype != x.dtype:
-        got = f"shape {getattr(out, 'shape', None)}, dtype {getattr(out, 'dtype', type(out))}"
-        raise ValueError(
-            f"{where}: eps_fn must return an array of the shape and dtype of x "
-            f"({x.shape}, {x.dtype}); it returned {got}. Cast or reshape the model output."
-        )
-
-
-def _prepare_z(z, ts, where):
-    """Normalise z: a ConditioningFn becomes a PerStep; check PerStep lengths."""
-    n = ts.shape[0] - 1
-    if isinstance(z, ConditioningFn):
-        z = z.per_step(ts)
-    if isinstance(z, PerStep):
-        leaves = jax.tree.leaves(z.values)
-        bad = [jnp.shape(v) for v in leaves if jnp.ndim(v) == 0 or jnp.shape(v)[0] != n]
-        if not leaves or bad:
-            raise ValueError(
-                f"{where}: z is a PerStep conditioning, which needs a leading axis of length "
-                f"N = {n} (one entry per step of ts) on every leaf; got leaf shapes "
-                f"{[jnp.shape(v) for v in leaves]}."
-            )
-        return z, True
-    return z, False
-
-
-def _check_solver(solver, where):
-    if not isinstance(solver, AbstractSolver):
-        raise ValueError(
-            f"{where}: solver must be a jadeis sampler such as jadeis.DPMSolverPP(order=2), "
-            f"got {solver!r}."
-        )
-
-
-@eqx.filter_jit
 def sample(
     eps_fn: Callable,
     params: Any,
@@ -115,7 +37,8 @@ def sample(
     r"""Sample a diffusion model from ``x_T`` at ``ts[0]`` down to ``x_0`` at ``ts[-1]``.
 
     Differentiable with ``jax.grad``/``jax.vjp`` with respect to ``params``, ``x_T`` and
-    ``z`` (any pytrees), with the gradient strategy ``adjoint``. Jit-compiled; works under
+    ``z`` (any pytrees), ``noise``, and (with ``DiscreteAdjoint``/``Backprop``) the time
+    grid ``ts`` and the schedule's parameters, with the gradient strategy ``adjoint``. Jit-compiled; works under
     ``vmap`` and with ``x_T`` sharded over devices.
 
     **Arguments:**
@@ -136,7 +59,13 @@ def sample(
     - `noise`: alternatively, the Gaussian noise of every step, shape ``(N,) + x_T.shape``
       (then gradients with respect to it are available too).
     - `return_trajectory`: also return the N + 1 states at every time of ``ts``.
-    - `check_finite`: raise if ``x_T`` or the result is not finite.
+    - `check_finite`: raise if ``x_T`` or the result is not finite (a traced check on the
+      state; off by default because it synchronises with the host).
+
+    What is checked: eagerly, before compiling, the types of ``schedule``/``solver``/
+    ``adjoint``, shapes and dtypes, the model's output shape and dtype, the noise source,
+    and a concrete ``ts`` (finite, strictly decreasing, inside the schedule's range); a
+    ``ts`` traced under your own ``jit`` is checked at run time, attached to ``ts`` only.
 
     **Returns:** ``x_0``, or ``(x_0, trajectory)`` with ``return_trajectory=True``.
 
@@ -154,56 +83,86 @@ def sample(
 
     ```
     """
-    where = "sample"
-    _check_solver(solver, where)
-    if not isinstance(adjoint, AbstractAdjoint):
-        raise ValueError(
-            f"{where}: adjoint must be jadeis.DiscreteAdjoint(), jadeis.AdjointDEIS(...) or "
-            f"jadeis.Backprop(), got {adjoint!r}."
+    if return_trajectory:
+        warnings.warn(
+            "sample(..., return_trajectory=True) is deprecated: use "
+            "jadeis.sample_trajectory(...), which returns the N + 1 states.",
+            DeprecationWarning,
+            stacklevel=2,
         )
-    x_T = jnp.asarray(x_T)
-    if not jnp.issubdtype(x_T.dtype, jnp.floating):
-        raise ValueError(f"{where}: x_T must be a floating-point array, got dtype {x_T.dtype}.")
-    ts = _check_ts(ts, schedule, where)
+        traj = sample_trajectory(
+            eps_fn, params, x_T, z, schedule=schedule, ts=ts, solver=solver, adjoint=adjoint,
+            key=key, noise=noise, check_finite=check_finite,
+        )
+        return traj[-1], traj
+    problem, args = _prepare("sample", eps_fn, params, x_T, z, schedule, ts, solver, adjoint,
+                             key, noise, False)
+    return _sample(problem, args, check_finite)[0]
+
+
+def sample_trajectory(
+    eps_fn: Callable,
+    params: Any,
+    x_T,
+    z: Any = None,
+    *,
+    schedule: AbstractSchedule,
+    ts,
+    solver: AbstractSolver = DPMSolverPP(order=2),
+    adjoint: AbstractAdjoint = DiscreteAdjoint(),
+    key=None,
+    noise=None,
+    check_finite: bool = False,
+):
+    r"""Like :func:`sample`, but returns the N + 1 states at every time of ``ts``.
+
+    The result has shape ``(N + 1,) + x_T.shape``; its first entry is ``x_T`` and its last
+    ``x_0``. Gradients flow through every state (with every strategy). This is what
+    :func:`solve_adjoint` takes as ``trajectory=``.
+
+    **Example:**
+
+    ```python
+    >>> import jax.numpy as jnp
+    >>> import jadeis
+    >>> sch = jadeis.VPLinear()
+    >>> traj = jadeis.sample_trajectory(lambda p, x, t, z: p * x, 0.5, jnp.ones((4, 2)),
+    ...                                 schedule=sch, ts=jadeis.time_grid(sch, 10))
+    >>> traj.shape
+    (11, 4, 2)
+
+    ```
+    """
+    problem, args = _prepare("sample_trajectory", eps_fn, params, x_T, z, schedule, ts, solver,
+                             adjoint, key, noise, True)
+    return _sample(problem, args, check_finite)[1]
+
+
+def _prepare(where, eps_fn, params, x_T, z, schedule, ts, solver, adjoint, key, noise, traj):
+    V.check_solver(solver, where)
+    V.check_adjoint(adjoint, where)
+    x_T = V.check_state(x_T, "x_T", where)
+    ts = V.check_ts(ts, schedule, where)
     n = ts.shape[0] - 1
-    z, per_step = _prepare_z(z, ts, where)
-    z0 = jax.tree.map(lambda v: v[0], z.values) if per_step else z
-    _check_model(eps_fn, params, x_T, ts[0].astype(x_T.dtype), z0, where)
-    adjoint.check(solver, n, return_trajectory)
+    z, per_step, z0 = V.prepare_z(z, ts, where)
+    V.check_model(eps_fn, params, x_T, ts[0].astype(model_time_dtype(x_T.dtype)),
+                  z0, where)
+    noise_mode, noise_arg = V.prepare_noise(solver, key, noise, n, x_T, where)
+    problem = Problem(eps_fn, solver, adjoint, per_step, noise_mode, traj)
+    adjoint.check(problem, n)
+    return problem, Args(params, x_T, z, schedule, ts, noise_arg)
 
-    noise_mode = "none"
-    noise_arg = None
-    if solver.stochastic:
-        if key is None and noise is None:
-            raise ValueError(
-                f"{where}: the SDE sampler {type(solver).__name__} needs randomness: pass "
-                f"key=jax.random.key(seed), or noise= an array of shape (N,) + x_T.shape = "
-                f"{(n,) + x_T.shape}."
-            )
-        if key is not None and noise is not None:
-            raise ValueError(f"{where}: pass either key or noise, not both.")
-        if noise is not None:
-            noise_arg = jnp.asarray(noise)
-            if noise_arg.shape != (n,) + x_T.shape:
-                raise ValueError(
-                    f"{where}: noise must have shape (N,) + x_T.shape = {(n,) + x_T.shape}, "
-                    f"got {noise_arg.shape}."
-                )
-            noise_mode = "array"
-        else:
-            key = jnp.asarray(key)
-            if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-                key = jax.random.key_data(key)
-            noise_arg = key
-            noise_mode = "key"
 
-    x_T = _validate_ts_values(x_T, ts, schedule, where)
+@eqx.filter_jit
+def _sample(problem: Problem, args: Args, check_finite: bool):
+    where = "sample"
+    args = args._replace(ts=V.check_ts_traced(args.ts, args.schedule, where))
     if check_finite:
-        x_T = eqx.error_if(
-            x_T, ~jnp.all(jnp.isfinite(x_T)), f"{where}: x_T has non-finite values (NaN or inf)."
-        )
-    static = Static(eps_fn, solver, adjoint, per_step, noise_mode, return_trajectory)
-    x_0, states = adjoint.run(static, params, x_T, z, schedule, ts, noise_arg)
+        args = args._replace(x_T=eqx.error_if(
+            args.x_T, ~jnp.all(jnp.isfinite(args.x_T)),
+            f"{where}: x_T has non-finite values (NaN or inf).",
+        ))
+    x_0, traj = problem.adjoint.run(problem, args)
     if check_finite:
         x_0 = eqx.error_if(
             x_0,
@@ -211,9 +170,7 @@ def sample(
             f"{where}: sampling produced non-finite values; check eps_fn and the time grid "
             f"(t near a schedule end point where alpha or sigma vanish).",
         )
-    if return_trajectory:
-        return x_0, states
-    return x_0
+    return x_0, traj
 
 
 class AdjointResult(NamedTuple):
@@ -224,7 +181,6 @@ class AdjointResult(NamedTuple):
     params: Any
 
 
-@eqx.filter_jit
 def solve_adjoint(
     eps_fn: Callable,
     params: Any,
@@ -249,8 +205,9 @@ def solve_adjoint(
       ``sample(..., return_trajectory=True)`` returns them); or
     - `x_0`: only the final sample: the states are reconstructed by solving the
       probability-flow ODE backwards (AdjointDEIS only, ODE only). Give exactly one.
-    - `adjoint`: ``AdjointDEIS(...)`` (default order 2) or ``DiscreteAdjoint()`` (needs
-      ``trajectory`` and the ``solver`` that produced it).
+    - `adjoint`: the gradient strategy: ``AdjointDEIS(...)`` (default order 2) or
+      ``DiscreteAdjoint()`` (needs ``trajectory`` and the ``solver`` that produced it).
+      The strategy does the work (``adjoint.solve``); a new strategy needs no change here.
     - `sde`: the trajectory was sampled with an SDE sampler: solve the SDE adjoint along it.
     - `solver`: the sampler of the forward pass (``DiscreteAdjoint``; also used to re-solve
       the states when ``AdjointDEIS(steps=M)`` differs from the grid, default the
@@ -277,7 +234,8 @@ def solve_adjoint(
     ```
     """
     where = "solve_adjoint"
-    ts = _check_ts(ts, schedule, where)
+    V.check_adjoint(adjoint, where)
+    ts = V.check_ts(ts, schedule, where)
     n = ts.shape[0] - 1
     if (trajectory is None) == (x_0 is None):
         raise ValueError(
@@ -285,9 +243,15 @@ def solve_adjoint(
             f"adjoint) or x_0= (reconstruct the states); got "
             f"{'both' if trajectory is not None else 'neither'}."
         )
+    adjoint.check_solve(trajectory is not None)
+    if x_0 is not None and (sde or (solver is not None and solver.stochastic)):
+        raise ValueError(
+            f"{where}: the SDE adjoint runs along the sampled path: pass trajectory=, not x_0= "
+            f"(the path cannot be reconstructed)."
+        )
     grad_x0 = jnp.asarray(grad_x0)
     if trajectory is not None:
-        trajectory = jnp.asarray(trajectory)
+        trajectory = V.check_state(trajectory, "trajectory", where)
         if trajectory.ndim < 1 or trajectory.shape[0] != n + 1:
             raise ValueError(
                 f"{where}: trajectory must hold the N + 1 = {n + 1} states at the times of ts "
@@ -298,93 +262,42 @@ def solve_adjoint(
                 f"{where}: grad_x0 must have the shape of x_0 = trajectory[-1], "
                 f"{trajectory.shape[1:]}, got {grad_x0.shape}."
             )
+        ref = trajectory[-1]
     else:
-        x_0 = jnp.asarray(x_0)
+        x_0 = V.check_state(x_0, "x_0", where)
         if x_0.shape != grad_x0.shape:
             raise ValueError(
                 f"{where}: grad_x0 must have the shape of x_0 {x_0.shape}, got {grad_x0.shape}."
             )
-    ref = trajectory[-1] if trajectory is not None else x_0
-    if grad_x0.dtype != ref.dtype:
-        grad_x0 = grad_x0.astype(ref.dtype)
+        ref = x_0
+    grad_x0 = grad_x0.astype(ref.dtype)
     z_in = z
-    z, per_step = _prepare_z(z, ts, where)
-    z0 = jax.tree.map(lambda v: v[0], z.values) if per_step else z
-    _check_model(eps_fn, params, ref, ts[0].astype(ref.dtype), z0, where)
-    grad_x0 = _validate_ts_values(grad_x0, ts, schedule, where)
-
-    if isinstance(adjoint, Backprop):
-        raise ValueError(
-            f"{where}: Backprop differentiates the forward pass itself; use "
-            f"jax.grad through jadeis.sample(..., adjoint=jadeis.Backprop()), or pass "
-            f"adjoint=AdjointDEIS(...) or DiscreteAdjoint() here."
-        )
-    if isinstance(adjoint, DiscreteAdjoint):
-        if trajectory is None or solver is None:
+    z, per_step, z0 = V.prepare_z(z, ts, where)
+    V.check_model(eps_fn, params, ref, ts[0].astype(model_time_dtype(ref.dtype)),
+                  z0, where)
+    if solver is None:
+        if not isinstance(adjoint, AdjointDEIS):
             raise ValueError(
-                f"{where}: DiscreteAdjoint needs trajectory= and solver= (the sampler that "
-                f"produced the trajectory)."
+                f"{where}: {type(adjoint).__name__} needs trajectory= and solver= (the sampler "
+                f"that produced the trajectory)."
             )
-        _check_solver(solver, where)
-        if solver.stochastic != sde:
-            raise ValueError(
-                f"{where}: sde={sde} disagrees with the solver {type(solver).__name__}."
-            )
-        static = Static(eps_fn, solver, adjoint, per_step, "none", False)
-        pbar, xT_bar, zbar, _ = discrete_backward(
-            static, params, z, schedule, ts, trajectory, grad_x0, None
-        )
-    elif isinstance(adjoint, AdjointDEIS):
-        if x_0 is not None and sde:
-            raise ValueError(
-                f"{where}: the SDE adjoint runs along the sampled path: pass trajectory=, "
-                f"not x_0= (the path cannot be reconstructed)."
-            )
-        if sde and adjoint.num_steps(n) != n:
-            raise ValueError(
-                f"{where}: with sde=True the adjoint grid must be the sampling grid "
-                f"(steps=None or {n})."
-            )
-        resolver = solver if solver is not None else DPMSolver(order=adjoint.order)
-        _check_solver(resolver, where)
-        static = Static(eps_fn, resolver, adjoint, per_step, "none", False)
-
-        def resolve(ts_desc):
-            return forward(
-                static,
-                params,
-                trajectory[0],
-                z,
-                schedule,
-                ts_desc,
-                None,
-                save=True,
-                append_final=False,
-            )
-
-        xT_bar, pbar, zbar, _ = deis_backward(
-            eps_fn,
-            adjoint,
-            sde=sde,
-            params=params,
-            z=z,
-            per_step=per_step,
-            schedule=schedule,
-            ts=ts,
-            states=trajectory,
-            x_0=x_0,
-            x0_bar=grad_x0,
-            traj_bar=None,
-            resolve=resolve,
-        )
-    else:
-        raise ValueError(
-            f"{where}: adjoint must be jadeis.AdjointDEIS(...) or jadeis.DiscreteAdjoint(), "
-            f"got {adjoint!r}."
-        )
-
+        solver = SDEDPMSolver() if sde else DPMSolver(order=adjoint.order)
+    V.check_solver(solver, where)
+    if solver.stochastic != sde:
+        raise ValueError(f"{where}: sde={sde} disagrees with the solver {type(solver).__name__}.")
+    problem = Problem(eps_fn, solver, adjoint, per_step, "none", False)
+    adjoint.check(problem, n)
+    args = Args(params, ref if trajectory is None else trajectory[0], z, schedule, ts, None)
+    cts = _solve(problem, args, trajectory, x_0, grad_x0)
+    zbar = cts.z
     if isinstance(z_in, ConditioningFn):
         _, vjp = jax.vjp(lambda p: ConditioningFn(z_in.fn, p).per_step(ts), z_in.params)
         (p_bar,) = vjp(zbar)
         zbar = ConditioningFn(z_in.fn, p_bar)
-    return AdjointResult(x_T=xT_bar, z=zbar, params=pbar)
+    return AdjointResult(x_T=cts.x_T, z=zbar, params=cts.params)
+
+
+@eqx.filter_jit
+def _solve(problem, args, trajectory, x_0, grad_x0):
+    args = args._replace(ts=V.check_ts_traced(args.ts, args.schedule, "solve_adjoint"))
+    return problem.adjoint.solve(problem, args, trajectory, x_0, grad_x0)

@@ -1,20 +1,33 @@
-"""Exponential-integrator samplers as per-step linear combinations.
+"""The solver interface: a solver owns its step.
 
-Every sampler in jadeis takes a step of the form
+A solver is a small immutable object with four methods, and nothing else in jadeis knows
+how it steps:
 
-    x_{i+1} = a_i x_i + b_{i,0} m_i + b_{i,1} m_{i-1} + b_{i,2} m_{i-2} + c_i xi_i
+- ``inputs(schedule, ts)``: every per-step quantity that depends only on the schedule and
+  the time grid (times, coefficients), as a pytree of arrays with a leading axis of N,
+  computed once before the loop. It is differentiable, so gradients reach ``ts`` and the
+  schedule's parameters through it.
+- ``init(x_T)``: the solver state (a pytree: the sample plus any history) at ``ts[0]``.
+- ``step(model, inp, state, xi)``: one step from ``ts[i]`` to ``ts[i+1]``. ``model(x, t)``
+  is the noise prediction (conditioning and parameters already bound); ``inp`` is row i of
+  ``inputs``; ``xi`` the step's standard Gaussian noise (``None`` for ODE solvers).
+- ``output(state)``: the sample held by a state.
 
-where ``m`` is the model output in the sampler's parameterisation (noise ``eps`` or data
-``x0``), the history ``m_{i-1}, m_{i-2}`` lives in the ``lax.scan`` carry, and ``xi_i`` is
-standard Gaussian noise (SDE samplers only). The per-step scalars ``a, b, c`` depend only
-on the schedule and the time grid, so they are computed once, vectorised, before the scan;
-lower-order warm-up steps are simply rows of ``b`` with trailing zeros.
+Forward sampling, encoding, every gradient strategy and AdjointDEIS's reconstruction all
+call these methods (``docs/math/samplers.md``). Most samplers in jadeis are linear
+multistep exponential integrators,
+
+    x_{i+1} = a_i x_i + b_{i,0} m_i + b_{i,1} m_{i-1} + b_{i,2} m_{i-2} + c_i xi_i,
+
+where ``m`` is the model output in the solver's parameterisation (noise or data); they
+share :class:`AbstractLinearMultistepSolver`, which also gives the discrete adjoint a fast
+path that keeps one state per step.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -25,12 +38,42 @@ from .._phi import multistep_weights
 from .._schedule import AbstractSchedule
 
 
+def check_int(owner: str, name: str, value, lo: int, hi: int | None = None) -> int:
+    """``value`` as a Python int in [lo, hi]; numpy/JAX integers accepted, bools refused."""
+    ok = not isinstance(value, bool) and (
+        isinstance(value, (int, np.integer)) or (getattr(value, "shape", None) == () and
+                                                 np.issubdtype(getattr(value, "dtype", float),
+                                                               np.integer))
+    )
+    if ok:
+        value = int(value)
+        ok = value >= lo and (hi is None or value <= hi)
+    if not ok:
+        if hi is not None and hi - lo <= 3:
+            rng = " or ".join(str(v) for v in range(lo, hi + 1))
+        else:
+            rng = f"an int from {lo} to {hi}" if hi is not None else f"an int >= {lo}"
+        raise ValueError(f"{owner}: {name} must be {rng}, got {name}={value!r}.")
+    return value
+
+
 class StepCoefficients(NamedTuple):
-    """Per-step coefficients of a sampler on a grid of N steps."""
+    """Per-step coefficients of a linear multistep sampler on a grid of N steps."""
 
     a: Array  # (N,) coefficient of x_i
     b: Array  # (N, 3) coefficients of m_i, m_{i-1}, m_{i-2}
     c: Array  # (N,) coefficient of the Gaussian noise xi_i (zero for ODE samplers)
+
+
+class LinearStepInputs(NamedTuple):
+    """Row i: the model's time, the step coefficients, and alpha, sigma at ``ts[i]``."""
+
+    t: Array
+    a: Array
+    b: Array
+    c: Array
+    alpha: Array
+    sigma: Array
 
 
 def effective_orders(order: int, n: int, lower_order_final: bool) -> np.ndarray:
@@ -56,35 +99,110 @@ def lambda_history(lam: Array):
     return lam_s, lam_t, lam_1, lam_2
 
 
-class AbstractSolver(eqx.Module):
-    """Base class of the samplers.
+def model_time_dtype(dtype):
+    """The dtype of the time handed to the model: the state's, but at least float32."""
+    dtype = jnp.dtype(dtype)
+    return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
-    Subclasses fix ``prediction`` (``"eps"`` or ``"data"``: what ``m`` is), ``stochastic``,
-    and give ``coefficients``. ``order`` is the multistep order.
+
+class AbstractSolver(eqx.Module):
+    """Base class of the samplers: ``inputs``/``init``/``step``/``output`` (see module doc).
+
+    ``order`` is the solver's order; ``stochastic`` whether it samples the diffusion SDE
+    (and so needs a key or noise). A new solver is one file with one subclass.
     """
 
     order: eqx.AbstractVar[int]
-    prediction: ClassVar[str]
     stochastic: ClassVar[bool]
     max_order: ClassVar[int] = 3
 
     def __check_init__(self):
-        if (
-            isinstance(self.order, bool)
-            or not isinstance(self.order, int)
-            or not 1 <= self.order <= self.max_order
-        ):
-            allowed = " or ".join(str(k) for k in range(1, self.max_order + 1))
-            raise ValueError(
-                f"{type(self).__name__}: order must be {allowed}, got order={self.order!r}."
-            )
+        check_int(type(self).__name__, "order", self.order, 1, self.max_order)
+
+    @abc.abstractmethod
+    def inputs(self, schedule: AbstractSchedule, ts: Array, dtype) -> Any:
+        """Per-step inputs (leading axis N) on the descending grid ``ts`` (N + 1 times),
+        cast to the state's ``dtype``."""
+
+    @abc.abstractmethod
+    def init(self, x_T: Array) -> Any:
+        """The solver state at ``ts[0]``."""
+
+    @abc.abstractmethod
+    def step(self, model, inp, state, xi):
+        """One step: the state at ``ts[i+1]`` from the state at ``ts[i]``."""
+
+    def output(self, state) -> Array:
+        """The sample held by ``state``."""
+        return state[0]
+
+
+class AbstractLinearMultistepSolver(AbstractSolver):
+    """Linear multistep exponential integrators: x' = a x + sum_j b_j m_{i-j} + c xi.
+
+    Subclasses give ``prediction`` (``"eps"`` or ``"data"``: what ``m`` is) and
+    ``coefficients``. The state is ``(x, (m_{i-1}, ..., m_{i-k+1}))``.
+    """
+
+    prediction: ClassVar[str]
 
     @abc.abstractmethod
     def coefficients(self, schedule: AbstractSchedule, ts: Array) -> StepCoefficients:
         """Per-step coefficients on the descending grid ``ts`` (length N + 1)."""
 
+    def inputs(self, schedule, ts, dtype):
+        co = self.coefficients(schedule, ts)
+        t_s = ts[:-1]
 
-class AbstractExponentialSolver(AbstractSolver):
+        def cast(v):
+            return jnp.asarray(v).astype(dtype)
+
+        return LinearStepInputs(
+            t=jnp.asarray(t_s).astype(model_time_dtype(dtype)),
+            a=cast(co.a),
+            b=cast(co.b),
+            c=cast(co.c),
+            alpha=cast(schedule.alpha(t_s)),
+            sigma=cast(schedule.sigma(t_s)),
+        )
+
+    def init(self, x_T):
+        return (x_T, tuple(jnp.zeros_like(x_T) for _ in range(self.order - 1)))
+
+    def convert(self, eps, x, alpha, sigma):
+        """The model output in this solver's parameterisation."""
+        if self.prediction == "data":
+            return (x - sigma * eps) / alpha
+        return eps
+
+    def model_output(self, model, inp: LinearStepInputs, x):
+        return self.convert(model(x, inp.t), x, inp.alpha, inp.sigma)
+
+    def combine(self, inp: LinearStepInputs, x, m, hist, xi):
+        """a x + b_0 m + sum_j b_j hist_j (+ c xi): the linear part of the step."""
+        x_next = inp.a * x + inp.b[0] * m
+        for j, h in enumerate(hist):
+            x_next = x_next + inp.b[j + 1] * h
+        if xi is not None:
+            x_next = x_next + inp.c * xi
+        return x_next
+
+    def step(self, model, inp, state, xi):
+        x, hist = state
+        m = self.model_output(model, inp, x)
+        x_next = self.combine(inp, x, m, hist, xi if self.stochastic else None)
+        return (x_next, ((m,) + hist)[: self.order - 1])
+
+    def noise_of_step(self, model, inp, state, x_next):
+        """The noise ``xi`` with which ``step`` maps ``state`` to ``x_next`` (SDE solvers),
+        and the state after that step."""
+        x, hist = state
+        m = self.model_output(model, inp, x)
+        xi = (x_next - self.combine(inp, x, m, hist, None)) / inp.c
+        return xi, (x_next, ((m,) + hist)[: self.order - 1])
+
+
+class AbstractExponentialSolver(AbstractLinearMultistepSolver):
     """Shared implementation: a linear part exp(-(lambda_t - lambda_s) * damping) times
     the schedule ratio, plus ``scale * int exp(kappa (l - lambda_t)) m(l) dl``."""
 
@@ -92,12 +210,17 @@ class AbstractExponentialSolver(AbstractSolver):
     kappa: ClassVar[float]
     drift_factor: ClassVar[float] = 1.0
 
+    def _midpoint(self) -> bool:
+        return False
+
     def coefficients(self, schedule, ts):
         n = ts.shape[0] - 1
         orders = jnp.asarray(effective_orders(self.order, n, self.lower_order_final))
         lam = schedule.log_snr(ts)
         lam_s, lam_t, lam_1, lam_2 = lambda_history(lam)
-        w = multistep_weights(lam_t, lam_s, lam_1, lam_2, self.kappa, orders)
+        w = multistep_weights(
+            lam_t, lam_s, lam_1, lam_2, self.kappa, orders, midpoint=self._midpoint()
+        )
         h = lam_t - lam_s
         log_alpha = schedule.log_alpha(ts)
         log_sigma = schedule.log_sigma(ts)

@@ -2,13 +2,16 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import equinox as eqx
+
 from .base import AbstractNoiseSolver
 
 
 class DDIM(AbstractNoiseSolver):
     r"""Deterministic DDIM, i.e. DPM-Solver-1 (first order, noise prediction):
 
-    $x_t = \frac{\alpha_t}{\alpha_s} x_s - \sigma_t\,\mathrm{expm1}(h)\,\epsilon_\theta(x_s, s)$.
+    $x_t = \frac{\alpha_t}{\alpha_s} x_s - \sigma_t\,\mathrm{expm1}(h)\,\epsilon_\theta(x_s, s)$
+    (docs/math/samplers.md). It has no options: its order is 1.
 
     **Example:**
 
@@ -20,7 +23,8 @@ class DDIM(AbstractNoiseSolver):
     ```
     """
 
-    order: int = 1
-    lower_order_final: bool = True
     stochastic: ClassVar[bool] = False
     max_order: ClassVar[int] = 1
+
+    order: int = eqx.field(default=1, init=False)
+    lower_order_final: bool = eqx.field(default=False, init=False)

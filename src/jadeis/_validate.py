@@ -1,0 +1,194 @@
+"""Validation and normalisation of a sampling problem, once, for every entry point.
+
+Static misuse (shapes, dtypes, types, a concrete bad ``ts``) raises ``ValueError`` naming
+the argument and the fix, before anything is compiled. Values that are only known under
+``jit`` (a traced ``ts``) are checked with ``equinox.error_if`` attached to ``ts`` itself,
+a small array, never to the sampler's state (so a sharded batch is never gathered).
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._adjoint import AbstractAdjoint
+from ._conditioning import ConditioningFn, PerStep
+from ._schedule import AbstractSchedule
+from ._solver import AbstractSolver
+
+
+def is_concrete(v) -> bool:
+    return not isinstance(v, jax.core.Tracer)
+
+
+def check_schedule(schedule, where: str):
+    if not isinstance(schedule, AbstractSchedule):
+        raise ValueError(
+            f"{where}: schedule must be a jadeis schedule such as jadeis.VPLinear(), got "
+            f"{schedule!r}."
+        )
+
+
+def check_solver(solver, where: str):
+    if not isinstance(solver, AbstractSolver):
+        raise ValueError(
+            f"{where}: solver must be a jadeis sampler such as jadeis.DPMSolverPP(order=2), "
+            f"got {solver!r}."
+        )
+
+
+def check_adjoint(adjoint, where: str):
+    if not isinstance(adjoint, AbstractAdjoint):
+        raise ValueError(
+            f"{where}: adjoint must be a gradient strategy such as jadeis.DiscreteAdjoint(), "
+            f"jadeis.AdjointDEIS(...) or jadeis.Backprop(), got {adjoint!r}."
+        )
+
+
+def check_ts(ts, schedule: AbstractSchedule, where: str):
+    """Shape and dtype of ``ts``; its values too when they are concrete."""
+    check_schedule(schedule, where)
+    ts = jnp.asarray(ts)
+    if ts.ndim != 1 or ts.shape[0] < 2:
+        raise ValueError(
+            f"{where}: ts must be a 1-D array of at least 2 times (N + 1 for N steps), got "
+            f"shape {ts.shape}. Build one with jadeis.time_grid(schedule, n)."
+        )
+    if not jnp.issubdtype(ts.dtype, jnp.floating):
+        ts = ts.astype(jnp.result_type(float))
+    if is_concrete(ts) and all(is_concrete(v) for v in jax.tree.leaves(schedule)):
+        v = np.asarray(ts, dtype=np.float64)
+        if not np.all(np.isfinite(v)):
+            raise ValueError(f"{where}: ts has non-finite values (NaN or inf): {v.tolist()}.")
+        if np.any(v[1:] >= v[:-1]):
+            raise ValueError(
+                f"{where}: ts must be strictly decreasing (sampling runs from t_max down to "
+                f"t_min); build it with jadeis.time_grid(schedule, n)."
+            )
+        lo, hi = float(schedule.t_min), float(schedule.t_max)
+        if v[-1] < lo or v[0] > hi:
+            raise ValueError(
+                f"{where}: ts has times outside the schedule's range [t_min, t_max] = "
+                f"[{lo}, {hi}] (got {v[-1]} .. {v[0]}); clip ts or build the schedule with a "
+                f"wider range."
+            )
+    return ts
+
+
+def check_ts_traced(ts, schedule: AbstractSchedule, where: str):
+    """Checks of a traced ``ts`` under ``jit``, attached to ``ts`` (a small array)."""
+    if is_concrete(ts):
+        return ts
+    lo = jnp.asarray(schedule.t_min, ts.dtype)
+    hi = jnp.asarray(schedule.t_max, ts.dtype)
+    ts = eqx.error_if(
+        ts,
+        jnp.any(~jnp.isfinite(ts)),
+        f"{where}: ts has non-finite values (NaN or inf).",
+    )
+    ts = eqx.error_if(
+        ts,
+        jnp.any(ts[1:] >= ts[:-1]),
+        f"{where}: ts must be strictly decreasing (sampling runs from t_max down to t_min); "
+        f"use jadeis.time_grid(schedule, n).",
+    )
+    ts = eqx.error_if(
+        ts,
+        jnp.any((ts < lo) | (ts > hi)),
+        f"{where}: ts has times outside the schedule's range [t_min, t_max]; clip ts or build "
+        f"the schedule with a wider range.",
+    )
+    return ts
+
+
+def check_state(x, name: str, where: str):
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{where}: {name} must be a floating-point array, got dtype {x.dtype}.")
+    return x
+
+
+def check_model(eps_fn, params, x, t, z, where: str):
+    try:
+        out = jax.eval_shape(eps_fn, params, x, t, z)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        raise ValueError(
+            f"{where}: calling eps_fn(params, x, t, z) failed for x of shape {x.shape} and "
+            f"dtype {x.dtype}: {type(e).__name__}: {e}"
+        ) from e
+    if not hasattr(out, "shape") or out.shape != x.shape or out.dtype != x.dtype:
+        got = f"shape {getattr(out, 'shape', None)}, dtype {getattr(out, 'dtype', type(out))}"
+        raise ValueError(
+            f"{where}: eps_fn must return an array of the shape and dtype of x "
+            f"({x.shape}, {x.dtype}); it returned {got}. Cast or reshape the model output."
+        )
+
+
+def prepare_z(z, ts, where: str):
+    """Normalise z: a ConditioningFn becomes a PerStep; check PerStep lengths. Returns
+    ``(z, per_step, z at the first step)``."""
+    n = ts.shape[0] - 1
+    if isinstance(z, ConditioningFn):
+        z = z.per_step(ts)
+    if isinstance(z, PerStep):
+        leaves = jax.tree.leaves(z.values)
+        bad = [jnp.shape(v) for v in leaves if jnp.ndim(v) == 0 or jnp.shape(v)[0] != n]
+        if not leaves or bad:
+            raise ValueError(
+                f"{where}: z is a PerStep conditioning, which needs a leading axis of length "
+                f"N = {n} (one entry per step of ts) on every leaf; got leaf shapes "
+                f"{[jnp.shape(v) for v in leaves]}."
+            )
+        return z, True, jax.tree.map(lambda v: v[0], z.values)
+    return z, False, z
+
+
+def prepare_noise(solver: AbstractSolver, key, noise, n: int, x, where: str):
+    """``(noise_mode, noise argument)`` for the solver: a key's raw data, a noise array or
+    nothing (ODE solvers, which refuse randomness they would ignore)."""
+    if not solver.stochastic:
+        if key is not None or noise is not None:
+            given = "key" if key is not None else "noise"
+            raise ValueError(
+                f"{where}: {given}= was given, but {type(solver).__name__} is an ODE sampler and "
+                f"uses no randomness; drop {given}= or use an SDE sampler such as "
+                f"jadeis.SDEDPMSolverPP()."
+            )
+        return "none", None
+    if key is None and noise is None:
+        raise ValueError(
+            f"{where}: the SDE sampler {type(solver).__name__} needs randomness: pass "
+            f"key=jax.random.key(seed), or noise= an array of shape (N,) + x_T.shape = "
+            f"{(n,) + x.shape}."
+        )
+    if key is not None and noise is not None:
+        raise ValueError(f"{where}: pass either key or noise, not both.")
+    if noise is not None:
+        noise = jnp.asarray(noise)
+        if noise.shape != (n,) + x.shape:
+            raise ValueError(
+                f"{where}: noise must have shape (N,) + x_T.shape = {(n,) + x.shape}, got "
+                f"{noise.shape}."
+            )
+        return "array", noise
+    if isinstance(key, (int, np.integer)):
+        raise ValueError(
+            f"{where}: key must be a JAX PRNG key such as jax.random.key({key}), got the int "
+            f"{key}."
+        )
+    key = jnp.asarray(key)
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(
+                f"{where}: key must be a single PRNG key, got a batch of shape {key.shape}; "
+                f"vmap over sample to use one key per sample."
+            )
+        key = jax.random.key_data(key)
+    elif key.shape != (2,) or key.dtype != jnp.uint32:
+        raise ValueError(
+            f"{where}: key must be a single JAX PRNG key (jax.random.key(seed)), got an array "
+            f"of shape {key.shape} and dtype {key.dtype}."
+        )
+    return "key", key
