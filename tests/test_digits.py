@@ -14,8 +14,15 @@ import numpy as np
 import pytest
 
 from jadeis import digits
-from jadeis.digits import WeightsError, load_denoiser, load_split, load_verifiers
-from jadeis.digits import candidate_pairs, run_morphs, slerp
+from jadeis.digits import (
+    WeightsError,
+    candidate_pairs,
+    load_denoiser,
+    load_split,
+    load_verifiers,
+    run_morphs,
+    slerp,
+)
 from jadeis.digits._train import pair_scores
 
 WEIGHTS = digits.default_weights_dir()

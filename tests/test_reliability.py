@@ -236,11 +236,14 @@ def test_demo_outputs_are_written_as_a_set(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        write_files(tmp_path, {"morphs.png": lambda p: p.write_text("new"), "results.json": interrupted})
+        write_files(
+            tmp_path, {"morphs.png": lambda p: p.write_text("new"), "results.json": interrupted}
+        )
     assert (tmp_path / "morphs.png").read_text() == "old png"
     assert (tmp_path / "results.json").read_text() == "old json"
     replaced = write_files(
-        tmp_path, {"morphs.png": lambda p: p.write_text("n1"), "results.json": lambda p: p.write_text("n2")}
+        tmp_path,
+        {"morphs.png": lambda p: p.write_text("n1"), "results.json": lambda p: p.write_text("n2")},
     )
     assert sorted(p.name for p in replaced) == ["morphs.png", "results.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["morphs.png", "results.json"]
@@ -355,6 +358,7 @@ def test_runtime_dependencies_are_what_the_library_imports():
     """The library proper (not jadeis.digits or the CLI's demo) imports only its declared
     dependencies; the demo's packages live in the `demo` extra, which `test` includes."""
     import ast
+
     import tomllib
 
     py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

@@ -364,8 +364,10 @@ def main(argv=None) -> int:
             return 1
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C: no traceback either
-        print(f"\n{command}: interrupted (Ctrl-C); no output was written or replaced.",
-              file=sys.stderr)
+        print(
+            f"\n{command}: interrupted (Ctrl-C); no output was written or replaced.",
+            file=sys.stderr,
+        )
         if script:
             sys.stdout.flush()
             sys.stderr.flush()

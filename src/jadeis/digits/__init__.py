@@ -11,7 +11,11 @@ def _check_dependencies():
     import sys
 
     missing = []
-    for module, package in (("flax", "flax"), ("sklearn", "scikit-learn"), ("matplotlib", "matplotlib")):
+    for module, package in (
+        ("flax", "flax"),
+        ("sklearn", "scikit-learn"),
+        ("matplotlib", "matplotlib"),
+    ):
         if module in sys.modules:
             found = sys.modules[module] is not None
         else:

@@ -263,8 +263,9 @@ def train_all(
     out = check_train_out(out_dir, force=force)
     work = staging_dir(out)
     try:
-        report = _train_into(work, seed=seed, steps=steps, verifier_steps=verifier_steps,
-                             progress=progress, log=log)
+        report = _train_into(
+            work, seed=seed, steps=steps, verifier_steps=verifier_steps, progress=progress, log=log
+        )
         report["replaced"] = replace_dir(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)

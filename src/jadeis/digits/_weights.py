@@ -134,8 +134,8 @@ def _verify_hash(path: Path, data: bytes):
     """Every weights file must be listed in its folder's manifest with a matching SHA-256."""
     manifest = path.parent / MANIFEST
     retrain = (
-        f"Weights written by `jadeis train digits --out DIR` come with one; retrain, or "
-        f"reinstall jadeis for the bundled weights."
+        "Weights written by `jadeis train digits --out DIR` come with one; retrain, or "
+        "reinstall jadeis for the bundled weights."
     )
     if not manifest.is_file():
         raise WeightsError(
