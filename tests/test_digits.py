@@ -14,8 +14,15 @@ import numpy as np
 import pytest
 
 from jadeis import digits
-from jadeis.digits import WeightsError, load_denoiser, load_split, load_verifiers
-from jadeis.digits._morph import candidate_pairs, run_morphs, slerp
+from jadeis.digits import (
+    WeightsError,
+    candidate_pairs,
+    load_denoiser,
+    load_split,
+    load_verifiers,
+    run_morphs,
+    slerp,
+)
 from jadeis.digits._train import pair_scores
 
 WEIGHTS = digits.default_weights_dir()
@@ -56,6 +63,18 @@ def _copy_weights(tmp_path):
     return d
 
 
+def _rehash(d):
+    """Rewrite the manifest of folder ``d`` with the SHA-256 of its files as they are now."""
+    import hashlib
+
+    path = d / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else {"format": "jadeis-digits"}
+    manifest["sha256"] = {
+        f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(d.glob("*.msgpack"))
+    }
+    path.write_text(json.dumps(manifest))
+
+
 def test_missing_corrupt_and_mismatched_files_are_clear_errors(tmp_path):
     with pytest.raises(WeightsError, match="not found"):
         load_denoiser(tmp_path)
@@ -66,14 +85,19 @@ def test_missing_corrupt_and_mismatched_files_are_clear_errors(tmp_path):
     (d / "denoiser.msgpack").write_bytes(bytes(data))
     with pytest.raises(WeightsError, match="corrupt"):
         load_denoiser(d)
-    # without a manifest: a truncated file does not decode
-    (d / "manifest.json").unlink()
+    # a truncated file whose manifest entry was updated does not decode
     (d / "denoiser.msgpack").write_bytes(data[:1000])
+    _rehash(d)
     with pytest.raises(WeightsError, match="corrupt"):
         load_denoiser(d)
     # a verifier file where the denoiser is expected
     shutil.copy(d / "verifier_a.msgpack", d / "denoiser.msgpack")
+    _rehash(d)
     with pytest.raises(WeightsError, match="expected 'denoiser'"):
+        load_denoiser(d)
+    # without a manifest nothing can be verified: refused
+    (d / "manifest.json").unlink()
+    with pytest.raises(WeightsError, match="no manifest.json"):
         load_denoiser(d)
     # same kind, wrong architecture: verifier_b's weights under verifier_a's config
     import flax.serialization
@@ -82,6 +106,7 @@ def test_missing_corrupt_and_mismatched_files_are_clear_errors(tmp_path):
     rec_b = flax.serialization.msgpack_restore((WEIGHTS / "verifier_b.msgpack").read_bytes())
     rec_a["params"] = rec_b["params"]
     (d / "verifier_a.msgpack").write_bytes(flax.serialization.msgpack_serialize(rec_a))
+    _rehash(d)
     with pytest.raises(WeightsError, match="does not match the EmbedMLP architecture"):
         load_verifiers(d)
 
@@ -173,7 +198,7 @@ SHARD_SCRIPT = """
 import json, sys
 import jax, numpy as np
 from jadeis.digits import load_denoiser, load_verifiers
-from jadeis.digits._morph import candidate_pairs, run_morphs, shard_batch
+from jadeis.digits import candidate_pairs, run_morphs, shard_batch
 assert len(jax.devices()) == 4, jax.devices()
 x = shard_batch(np.zeros((8, 8, 8), np.float32))
 assert len(x.sharding.device_set) == 4

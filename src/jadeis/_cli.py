@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 DEMO_DESCRIPTION = """\
 Morph look-alike pairs of handwritten digits with the bundled diffusion model: encode both
@@ -50,18 +53,37 @@ def _positive(name, lo=1, hi=None):
     return parse
 
 
-def _float_pos(text):
+SEED_MAX = 2**32 - 1
+LR_MAX = 1.0
+
+
+def _lr(text):
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+        raise argparse.ArgumentTypeError(f"--lr must be a number, got {text!r}") from None
+    if not (math.isfinite(v) and 0 < v <= LR_MAX):
+        raise argparse.ArgumentTypeError(
+            f"--lr must be a finite number in (0, {LR_MAX:g}] (Adam's step size; the default "
+            f"is 0.05), got {text}"
+        )
+    return v
+
+
+def _seed(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed must be an integer, got {text!r}") from None
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(
+            f"--seed must be between 0 and 2**32 - 1 = {SEED_MAX}, got {text}"
+        )
     return v
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .digits._morph import METHOD_KEYS
+    from .digits import METHOD_KEYS
 
     parser = _Parser(
         prog="jadeis",
@@ -84,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--pairs",
         type=_positive("--pairs", 1, 45),
         default=45,
-        help="number of look-alike pairs of different digits to morph, closest first "
-        "(1-45; default: %(default)s, one per pair of digits)",
+        help="number of look-alike pairs of different digits to morph, spread from the closest "
+        "to the farthest of the 45 (1-45; default: %(default)s, one per pair of digits)",
     )
     demo.add_argument(
         "--images",
@@ -107,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="optimisation iterations (default: %(default)s)",
     )
     demo.add_argument(
-        "--lr", type=_float_pos, default=0.05, help="Adam learning rate (default: %(default)s)"
+        "--lr",
+        type=_lr,
+        default=0.05,
+        help=f"Adam learning rate in (0, {LR_MAX:g}] (default: %(default)s)",
     )
     demo.add_argument(
         "--methods",
@@ -117,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M",
         help=f"methods to run (default: all of {', '.join(METHOD_KEYS)})",
     )
-    demo.add_argument("--seed", type=int, default=0, help="seed of the SDE paths (default: 0)")
+    demo.add_argument(
+        "--seed", type=_seed, default=0, help="seed of the SDE paths (0 to 2**32-1; default: 0)"
+    )
     demo.add_argument("--weights", help="directory of weights (default: the bundled ones)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
@@ -131,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--out", default="jadeis-digits", help="output directory (default: %(default)s)"
     )
-    train.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    train.add_argument(
+        "--seed", type=_seed, default=0, help="random seed (0 to 2**32-1; default: %(default)s)"
+    )
     train.add_argument(
         "--steps",
         type=_positive("--steps", 100),
@@ -144,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=2000,
         help="optimiser steps per verifier (default: %(default)s)",
     )
+    train.add_argument(
+        "--force",
+        action="store_true",
+        help="allow --out to be the installed package's own weights folder (replaces the "
+        "bundled weights)",
+    )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
@@ -154,24 +189,22 @@ def _version():
     return __version__
 
 
-def _writable_dir(path: str) -> Path:
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".jadeis-write-test"):
-            pass
-    except OSError as e:
-        raise CLIError(f"cannot write to --out {path!r}: {e.strerror or e}") from None
-    return out
-
-
 def _demo(args) -> int:
     t_start = time.perf_counter()
-    out = _writable_dir(args.out)
-    from .digits import load_denoiser, load_verifiers
-    from .digits._data import load_split
-    from .digits._morph import run_morphs, save_figure, select_pairs
+    from .digits import (
+        OutputDirError,
+        load_denoiser,
+        load_split,
+        load_verifiers,
+        ranked_pairs,
+        run_morphs,
+        save_figure,
+        spread_ranks,
+        verdicts,
+        write_files,
+    )
 
+    # validate everything before creating anything
     if args.images is not None:
         n_test = len(load_split("test")[1])
         for i in args.images:
@@ -182,22 +215,42 @@ def _demo(args) -> int:
                 )
         if args.images[0] == args.images[1]:
             raise CLIError("--images: give two different images.")
-        pairs = [tuple(args.images)]
-    else:
-        pairs = None
     weights = args.weights
     if weights is not None and not Path(weights).is_dir():
         raise CLIError(f"--weights: {weights!r} is not a directory.")
+    out = Path(args.out)
+    _check_out(out, OutputDirError)
     denoiser = load_denoiser(weights)
     verifiers = load_verifiers(weights)
-    if pairs is None:
-        pairs = select_pairs(args.pairs, verifiers)
+    if args.images is not None:
+        pairs = [tuple(args.images)]
+        selection = "the pair given by --images"
+    else:
+        ranked = ranked_pairs(verifiers)
+        ranks = spread_ranks(args.pairs, len(ranked))
+        pairs = [ranked[r][1:] for r in ranks]
+        dist = [ranked[r][0] for r in ranks]
+        selection = (
+            f"{len(pairs)} of the {len(ranked)} look-alike pairs, spread over the difficulty "
+            f"range: rank{'s' if len(ranks) > 1 else ''} "
+            + ", ".join(str(r + 1) for r in ranks)
+            + f" (1 = closest), pixel distance {min(dist):.1f}-{max(dist):.1f}"
+        )
+    outputs = ("morphs.png", "results.json")
+    existing = [name for name in outputs if (out / name).exists()]
     print(
         f"jadeis demo: {len(pairs)} pair(s), N = {args.steps} steps, {args.iters} iterations "
         f"of Adam(lr={args.lr}); guide: {verifiers[0].name}; judges: "
         + ", ".join(f"{v.name} (threshold {v.threshold:.3f})" for v in verifiers),
         flush=True,
     )
+    print(f"pairs: {selection}", flush=True)
+    if existing:
+        print(
+            f"--out {out}: {' and '.join(existing)} from an earlier run will be replaced when "
+            f"this run completes",
+            flush=True,
+        )
     report = run_morphs(
         denoiser,
         verifiers,
@@ -209,10 +262,25 @@ def _demo(args) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    png = save_figure(report, out / "morphs.png")
+    for r in report.results:
+        if r.losses is not None and not np.all(np.isfinite(r.losses)):
+            it = int(np.argmax(~np.all(np.isfinite(r.losses), axis=1)))
+            raise CLIError(
+                f"{r.method.label}: the identity loss became non-finite at iteration {it}; "
+                f"nothing was written. Try a smaller --lr."
+            )
+        if not np.all(np.isfinite(r.morphs)):
+            raise CLIError(f"{r.method.label}: non-finite morphs; nothing was written.")
     result = report.as_dict()
+    result["pair_selection"] = selection
     result["seconds"] = round(time.perf_counter() - t_start, 1)
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    replaced = write_files(
+        out,
+        {
+            "morphs.png": lambda p: save_figure(report, p),
+            "results.json": lambda p: p.write_text(json.dumps(result, indent=2) + "\n"),
+        },
+    )
     labels = ", ".join(f"{a}/{b}" for a, b in zip(report.labels_a, report.labels_b))
     print()
     print(
@@ -220,14 +288,38 @@ def _demo(args) -> int:
         f"accepted with both sources at 0.1% FMR; NFE = network evaluations per morph."
     )
     print(report.table())
-    print(f"\nwrote {png} and {out / 'results.json'} in {result['seconds']:.1f} s")
+    last = report.results[-1] if report.results else None
+    if last is not None and len(pairs) <= 6:
+        print(
+            f"\nverdicts of {last.method.label} per pair (✓: accepted with both sources): "
+            + "; ".join(
+                f"{a}/{b}: {verdicts(last.accepted[:, i])}"
+                for i, (a, b) in enumerate(zip(report.labels_a, report.labels_b))
+            )
+        )
+    wrote = f"{out / 'morphs.png'} and {out / 'results.json'}"
+    print(f"\nwrote {wrote} in {result['seconds']:.1f} s")
+    if replaced:
+        print(f"(overwrote {', '.join(str(p) for p in replaced)} from an earlier run)")
     return 0
 
 
-def _train(args) -> int:
-    out = _writable_dir(args.out)
-    from .digits._train import train_all
+def _check_out(out, error_type):
+    from .digits import check_writable
 
+    try:
+        check_writable(out)
+    except error_type as e:
+        raise CLIError(f"--out: {e}") from None
+
+
+def _train(args) -> int:
+    from .digits import OutputDirError, check_train_out, train_all
+
+    try:
+        out = check_train_out(args.out, force=args.force)
+    except OutputDirError as e:
+        raise CLIError(f"--out: {e}") from None
     t0 = time.perf_counter()
     report = train_all(
         out,
@@ -235,27 +327,53 @@ def _train(args) -> int:
         steps=args.steps,
         verifier_steps=args.verifier_steps,
         progress=not args.no_progress,
+        force=args.force,
     )
-    print(f"wrote {', '.join(report['files'])} to {out} in {time.perf_counter() - t0:.0f} s")
+    print(
+        f"wrote {', '.join(report['files'])} to {out} in {time.perf_counter() - t0:.0f} s"
+        + (" (replacing the folder's previous contents)" if report.get("replaced") else "")
+    )
     return 0
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from .digits._weights import WeightsError
+    """The console script. Exit status: 0 success, 1 failure, 2 usage error, 130 Ctrl-C.
 
+    Run as a script (``argv`` None), an interrupt ends the process at once with status 130
+    after one line on stderr (``os._exit``: no interpreter teardown while JAX's threads are
+    busy, which could crash); temporary files are removed before that."""
+    script = argv is None
+    command = "jadeis"
     try:
-        return _demo(args) if args.command == "demo" else _train(args)
-    except (CLIError, WeightsError) as e:
-        print(f"jadeis {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        try:
+            parser = build_parser()
+        except ImportError as e:  # the demo extra is missing
+            print(f"jadeis: error: {e}", file=sys.stderr)
+            return 1
+        args = parser.parse_args(argv)
+        command = f"jadeis {args.command}"
+        from .digits import OutputDirError, WeightsError
+
+        try:
+            return _demo(args) if args.command == "demo" else _train(args)
+        except (CLIError, WeightsError, OutputDirError) as e:
+            print(f"{command}: error: {e}", file=sys.stderr)
+            return 2
+        except (OSError, FloatingPointError) as e:
+            print(f"{command}: error: {e}", file=sys.stderr)
+            return 1
     except KeyboardInterrupt:
-        print(f"jadeis {args.command}: interrupted", file=sys.stderr)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C: no traceback either
+        print(
+            f"\n{command}: interrupted (Ctrl-C); no output was written or replaced.",
+            file=sys.stderr,
+        )
+        if script:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         return 130
-    except OSError as e:
-        print(f"jadeis {args.command}: error: {e}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array
 
 from ._schedule import AbstractSchedule
@@ -64,7 +67,24 @@ def time_grid(
             f"time_grid: need t_end < t_start (sampling runs backwards in time), got "
             f"t_start={t_start}, t_end={t_end}."
         )
-    dtype = jnp.result_type(float) if dtype is None else dtype
+    if spacing == "karras":
+        c_rho = _concrete(rho)
+        if c_rho is not None and not (math.isfinite(c_rho) and c_rho > 0):
+            raise ValueError(
+                f"time_grid: rho must be a finite number > 0 for spacing='karras', got rho={rho} "
+                f"(EDM uses rho=7)."
+            )
+    dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"time_grid: dtype must be a floating dtype (e.g. jnp.float32), got {dtype}; "
+            f"times are not integers (for a discrete table's timesteps, build the grid in "
+            f"float and map it)."
+        )
+    out_dtype = dtype
+    # compute in at least float32, then round to the requested dtype (checked below)
+    if jnp.finfo(dtype).bits < 32:
+        dtype = jnp.dtype(jnp.float32)
     t_start = jnp.asarray(t_start, dtype)
     t_end = jnp.asarray(t_end, dtype)
     u = jnp.linspace(0.0, 1.0, n + 1, dtype=dtype)
@@ -81,7 +101,23 @@ def time_grid(
         s1 = jnp.exp(-schedule.log_snr(t_end) / rho)
         ts = schedule.t_from_log_snr(-rho * jnp.log(s0 + (s1 - s0) * u))
     # pin the end points exactly (inverse maps round)
-    return ts.at[0].set(t_start).at[-1].set(t_end)
+    ts = ts.at[0].set(t_start).at[-1].set(t_end).astype(out_dtype)
+    if not isinstance(ts, jax.core.Tracer):
+        check = np.asarray(ts, np.float64)
+        if not np.all(np.isfinite(check)):
+            raise ValueError(
+                f"time_grid: the {spacing!r} grid of {type(schedule).__name__} is not finite "
+                f"(t_start={t_start}, t_end={t_end}); check the schedule's parameters."
+            )
+        if not np.all(np.diff(check) < 0):
+            repeats = int(np.sum(np.diff(check) >= 0))
+            raise ValueError(
+                f"time_grid: {n} steps in {out_dtype} give {repeats} repeated time(s): "
+                f"{out_dtype} cannot resolve the grid between t_start={float(check[0]):g} and "
+                f"t_end={float(check[-1]):g}. Use dtype=jnp.float32 (the solver's state may "
+                f"still be low precision) or fewer steps."
+            )
+    return ts
 
 
 def _concrete(v):

@@ -38,20 +38,32 @@ class AbstractSchedule(eqx.Module):
 
     def alpha(self, t: ArrayLike) -> Array:
         """alpha_t."""
-        return jnp.exp(self.log_alpha(t))
+        return jnp.exp(self.log_alpha(_as_time(t)))
 
     def log_sigma(self, t: ArrayLike) -> Array:
         """log sigma_t."""
-        return jnp.log(self.sigma(t))
+        return jnp.log(self.sigma(_as_time(t)))
 
     def log_snr(self, t: ArrayLike) -> Array:
         """lambda_t = log(alpha_t / sigma_t), the half log signal-to-noise ratio (decreasing)."""
+        t = _as_time(t)
         return self.log_alpha(t) - self.log_sigma(t)
 
     @property
     def prior_std(self) -> float:
         """Standard deviation of the terminal distribution x_T ~ N(0, prior_std^2 I)."""
         return 1.0
+
+
+def _as_time(t) -> Array:
+    """``t`` as an array computed in at least float32: integer times become the default float,
+    bfloat16/float16 times float32 (the schedule's arithmetic is not done in low precision)."""
+    t = jnp.asarray(t)
+    if not jnp.issubdtype(t.dtype, jnp.floating):
+        return t.astype(jnp.result_type(float))
+    if jnp.finfo(t.dtype).bits < 32:
+        return t.astype(jnp.float32)
+    return t
 
 
 def _vp_log_sigma(log_alpha):
@@ -69,7 +81,7 @@ class _AbstractVP(AbstractSchedule):
         return jnp.exp(self.log_sigma(t))
 
     def log_sigma(self, t):
-        return _vp_log_sigma(self.log_alpha(t))
+        return _vp_log_sigma(self.log_alpha(_as_time(t)))
 
 
 class VPLinear(_AbstractVP):
@@ -94,20 +106,37 @@ class VPLinear(_AbstractVP):
     t_max: float = 1.0
 
     def __check_init__(self):
-        if not _traced(self.beta_min, self.beta_max) and not (0 <= self.beta_min < self.beta_max):
-            raise ValueError(
-                f"VPLinear: need 0 <= beta_min < beta_max, got beta_min={self.beta_min}, "
-                f"beta_max={self.beta_max}."
-            )
+        if not _traced(self.beta_min, self.beta_max):
+            _check_finite("VPLinear", beta_min=self.beta_min, beta_max=self.beta_max)
+            if not np.all(0 <= _np(self.beta_min)) or not np.all(
+                _np(self.beta_min) < _np(self.beta_max)
+            ):
+                raise ValueError(
+                    f"VPLinear: need 0 <= beta_min < beta_max, got beta_min={self.beta_min}, "
+                    f"beta_max={self.beta_max}."
+                )
         _check_range("VPLinear", self.t_min, self.t_max, lo=0.0)
+        if not _traced(self.beta_min, self.beta_max, self.t_max):
+            b0, b1, t1 = _np(self.beta_min), _np(self.beta_max), _np(self.t_max)
+            log_alpha = -0.25 * t1**2 * (b1 - b0) - 0.5 * t1 * b0
+            if np.any(log_alpha < _LOG_ALPHA_MIN):
+                a, b = 0.25 * (b1 - b0), 0.5 * b0
+                t_ok = 2.0 * -_LOG_ALPHA_MIN / (b + np.sqrt(b * b - 4.0 * a * _LOG_ALPHA_MIN))
+                raise ValueError(
+                    f"VPLinear: alpha_t underflows at t_max={self.t_max} (log alpha = "
+                    f"{np.min(log_alpha):.1f} < {_LOG_ALPHA_MIN:.1f}: alpha^2 is below "
+                    f"float32's smallest normal number, and sampling gives NaN). Use t_max <= "
+                    f"{np.min(t_ok):.3g} for beta_max={self.beta_max} (the default is 1.0), or a "
+                    f"smaller beta_max."
+                )
 
     def log_alpha(self, t):
-        t = jnp.asarray(t)
+        t = _as_time(t)
         return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
     def t_from_log_snr(self, lam):
         # solve a t^2 + b t = L with L = -log alpha, stably
-        lam = jnp.asarray(lam)
+        lam = _as_time(lam)
         big_l = -_vp_log_alpha_from_log_snr(lam)
         a = 0.25 * (self.beta_max - self.beta_min)
         b = 0.5 * self.beta_min
@@ -136,16 +165,19 @@ class VPCosine(_AbstractVP):
     t_max: float = 0.9946
 
     def __check_init__(self):
-        if not _traced(self.s) and self.s <= 0:
-            raise ValueError(f"VPCosine: s must be positive, got s={self.s}.")
+        if not _traced(self.s):
+            _check_finite("VPCosine", s=self.s)
+            if np.any(_np(self.s) <= 0):
+                raise ValueError(f"VPCosine: s must be positive, got s={self.s}.")
         _check_range("VPCosine", self.t_min, self.t_max, lo=0.0, hi=1.0, open_hi=True)
+        _check_float32_near_one("VPCosine", self.t_max, "0.9946")
 
     # jnp, not math, on ``s``: it is a traced leaf under jit/grad/custom_vjp.
     def log_alpha(self, t):
         # log(cos(theta)/cos(theta0)) with theta = theta0 + dtheta, dtheta = t/(1+s) pi/2.
         # Near t = 0 the ratio is 1 + u, u = -2 sin(theta0 + dtheta/2) sin(dtheta/2)/cos(theta0),
         # taken through log1p (no cancellation in float32); near t = 1 log cos(theta) is exact.
-        t = jnp.asarray(t)
+        t = _as_time(t)
         s = jnp.asarray(self.s)
         th0 = s / (1.0 + s) * (math.pi / 2.0)
         dth = t / (1.0 + s) * (math.pi / 2.0)
@@ -156,7 +188,7 @@ class VPCosine(_AbstractVP):
     def t_from_log_snr(self, lam):
         # 1 - cos(theta) = 2 sin^2(theta0/2) - cos(theta0) expm1(log alpha), and
         # theta = 2 arcsin(sqrt((1 - cos theta)/2)): stable where arccos(~1) is not.
-        lam = jnp.asarray(lam)
+        lam = _as_time(lam)
         log_alpha = _vp_log_alpha_from_log_snr(lam)
         s = jnp.asarray(self.s)
         th0 = s / (1.0 + s) * (math.pi / 2.0)
@@ -216,12 +248,12 @@ class DiscreteVP(_AbstractVP):
         return cls(np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64) ** 2)
 
     def log_alpha(self, t):
-        t = jnp.asarray(t)
+        t = _as_time(t)
         table = self.log_alpha_table.astype(jnp.result_type(t, float))
         return jnp.interp(t, self.t_table.astype(table.dtype), table)
 
     def t_from_log_snr(self, lam):
-        lam = jnp.asarray(lam)
+        lam = _as_time(lam)
         log_alpha = _vp_log_alpha_from_log_snr(lam)
         table = self.log_alpha_table.astype(log_alpha.dtype)
         # log alpha decreases in t: interpolate on the flipped (increasing) table
@@ -250,18 +282,19 @@ class RectifiedFlow(AbstractSchedule):
 
     def __check_init__(self):
         _check_range("RectifiedFlow", self.t_min, self.t_max, lo=0.0, hi=1.0, open_hi=True)
+        _check_float32_near_one("RectifiedFlow", self.t_max, "1 - 1e-3")
 
     def log_alpha(self, t):
-        return jnp.log1p(-jnp.asarray(t))
+        return jnp.log1p(-_as_time(t))
 
     def sigma(self, t):
-        return jnp.asarray(t)
+        return _as_time(t)
 
     def log_sigma(self, t):
-        return jnp.log(jnp.asarray(t))
+        return jnp.log(_as_time(t))
 
     def t_from_log_snr(self, lam):
-        lam = jnp.asarray(lam)
+        lam = _as_time(lam)
         # t = 1 / (1 + exp(lambda))
         return jnp.exp(-jnp.logaddexp(jnp.zeros_like(lam), lam))
 
@@ -289,16 +322,16 @@ class VE(AbstractSchedule):
         _check_range("VE", self.t_min, self.t_max, lo=0.0)
 
     def log_alpha(self, t):
-        return jnp.zeros_like(jnp.asarray(t, dtype=jnp.result_type(t, float)))
+        return jnp.zeros_like(_as_time(t))
 
     def sigma(self, t):
-        return jnp.asarray(t)
+        return _as_time(t)
 
     def log_sigma(self, t):
-        return jnp.log(jnp.asarray(t))
+        return jnp.log(_as_time(t))
 
     def t_from_log_snr(self, lam):
-        return jnp.exp(-jnp.asarray(lam))
+        return jnp.exp(-_as_time(lam))
 
     @property
     def prior_std(self) -> float:
@@ -310,15 +343,51 @@ def _traced(*values):
     return any(isinstance(v, jax.core.Tracer) for v in values)
 
 
+# log alpha_t below this makes alpha^2 smaller than float32's smallest normal number
+_LOG_ALPHA_MIN = 0.5 * math.log(float(np.finfo(np.float32).tiny))
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _np(v):
+    return np.asarray(v, dtype=np.float64)
+
+
+def _check_finite(name, **values):
+    for arg, v in values.items():
+        v64 = _np(v)
+        if not np.all(np.isfinite(v64)) or np.any(np.abs(v64) > _F32_MAX):
+            raise ValueError(
+                f"{name}: {arg} must be a finite number (representable in float32), got {v}."
+            )
+
+
 def _check_range(name, t_min, t_max, *, lo, hi=None, open_hi=False):
     if _traced(t_min, t_max):
         return
-    t_min = float(t_min)
-    t_max = float(t_max)
-    if not (t_min > lo and t_max > t_min):
+    _check_finite(name, t_min=t_min, t_max=t_max)
+    t_min = _np(t_min)
+    t_max = _np(t_max)
+    if not (np.all(t_min > lo) and np.all(t_max > t_min)):
         raise ValueError(f"{name}: need {lo} < t_min < t_max, got t_min={t_min}, t_max={t_max}.")
-    if hi is not None and (t_max > hi or (open_hi and t_max >= hi)):
+    if hi is not None and np.any((t_max > hi) | ((t_max >= hi) if open_hi else False)):
         raise ValueError(
             f"{name}: t_max={t_max} is outside the schedule's domain; it must be "
             f"{'<' if open_hi else '<='} {hi} (alpha_t vanishes there)."
+        )
+
+
+def _check_float32_near_one(name, t_max, default):
+    """alpha_t ~ (1 - t) near t = 1: reject a ``t_max`` whose float32 rounding changes 1 - t_max
+    by more than 1% (float32 and float64 sampling would disagree; at 1 - 1e-8 alpha is 0)."""
+    if _traced(t_max):
+        return
+    t64 = _np(t_max)
+    gap = 1.0 - t64
+    gap32 = 1.0 - t64.astype(np.float32).astype(np.float64)
+    if np.any(np.abs(gap32 - gap) > 0.01 * gap):
+        raise ValueError(
+            f"{name}: t_max={t_max} is too close to 1 for float32: 1 - t_max = {np.min(gap):.3g} "
+            f"rounds to {np.min(gap32):.3g} in float32, so alpha(t_max) is wrong (zero at "
+            f"1 - 1e-8, giving NaN) and float32 and float64 samples disagree. Use t_max <= "
+            f"1 - 1e-5 (the default is {default})."
         )

@@ -8,10 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._grid import time_grid
-from .._sample import sample
-from .._schedule import VPLinear
-from .._solver import DDIM
+from jadeis import DDIM, VPLinear, sample, time_grid
+
 from ._nets import IMAGE_SHAPE, NUM_CLASSES
 from ._weights import DENOISER_FILE, VERIFIER_FILES, default_weights_dir, load_record
 

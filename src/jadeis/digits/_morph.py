@@ -8,8 +8,9 @@ A morph of two source images ``a`` and ``b`` of *different* digits succeeds agai
 when it is accepted both with ``a`` and with ``b``; MMPMR (mated morph presentation match
 rate) is the share of morphs that succeed. Source pairs are look-alikes, as a morph attacker
 would pick: for each of the 45 pairs of digits, the two test-split images (one of each digit)
-closest in pixel space among those every verifier rejects as a pair; the ``k`` closest of
-these 45 pairs are used.
+closest in pixel space among those every verifier rejects as a pair. ``k`` of these 45 pairs
+are used, spread from the closest to the farthest (:func:`select_pairs`), so that MMPMR covers
+the difficulty range rather than only near-identical look-alikes.
 """
 
 from __future__ import annotations
@@ -24,12 +25,18 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .._adjoint import AdjointDEIS, DiscreteAdjoint
-from .._encode import encode_ode, encode_sde
-from .._grid import time_grid
-from .._guidance import guide
-from .._sample import sample
-from .._solver import DDIM, SDEDPMSolver
+from jadeis import (
+    DDIM,
+    AdjointDEIS,
+    DiscreteAdjoint,
+    SDEDPMSolver,
+    encode_ode,
+    encode_sde,
+    guide,
+    sample,
+    time_grid,
+)
+
 from ._data import load_split
 from ._nets import NUM_CLASSES
 
@@ -53,11 +60,11 @@ METHODS = (
 METHOD_KEYS = tuple(m.key for m in METHODS)
 
 
-def candidate_pairs(verifiers: Sequence = ()) -> list[tuple[int, int]]:
-    """The 45 look-alike pairs (indices into the test split), closest first: for each pair of
-    digits, the two test images (one of each digit) closest in pixel space among the pairs
-    that every verifier in ``verifiers`` rejects (the attack needs two identities that the
-    systems tell apart)."""
+def ranked_pairs(verifiers: Sequence = ()) -> list[tuple[float, int, int]]:
+    """``(pixel distance, a, b)`` of the 45 look-alike pairs (indices into the test split),
+    closest (hardest to tell apart) first: for each pair of digits, the two test images (one
+    of each digit) closest in pixel space among the pairs that every verifier in
+    ``verifiers`` rejects (the attack needs two identities that the systems tell apart)."""
     images, labels = load_split("test")
     flat = images.reshape(len(images), -1).astype(np.float64)
     d = ((flat[:, None, :] - flat[None, :, :]) ** 2).sum(-1)
@@ -72,14 +79,30 @@ def candidate_pairs(verifiers: Sequence = ()) -> list[tuple[int, int]]:
             r, c = np.unravel_index(np.argmin(sub), sub.shape)
             out.append((float(sub[r, c]), int(i1[r]), int(i2[c])))
     out.sort()
-    return [(a, b) for _, a, b in out]
+    return out
+
+
+def candidate_pairs(verifiers: Sequence = ()) -> list[tuple[int, int]]:
+    """The 45 look-alike pairs of :func:`ranked_pairs`, closest first, without distances."""
+    return [(a, b) for _, a, b in ranked_pairs(verifiers)]
+
+
+NUM_PAIRS = NUM_CLASSES * (NUM_CLASSES - 1) // 2
+
+
+def spread_ranks(k: int, n: int = NUM_PAIRS) -> list[int]:
+    """``k`` ranks out of ``n`` spread evenly from the closest (0) to the farthest (n - 1)."""
+    if not 1 <= k <= n:
+        raise ValueError(f"the number of pairs must be between 1 and {n}, got {k}.")
+    return [int(r) for r in np.round(np.linspace(0, n - 1, k)).astype(int)] if k > 1 else [0]
 
 
 def select_pairs(k: int, verifiers: Sequence = ()) -> list[tuple[int, int]]:
-    """The ``k`` closest look-alike pairs of different digits (1 <= k <= 45)."""
-    if not 1 <= k <= NUM_CLASSES * (NUM_CLASSES - 1) // 2:
-        raise ValueError(f"the number of pairs must be between 1 and 45, got {k}.")
-    return candidate_pairs(verifiers)[:k]
+    """``k`` of the 45 look-alike pairs of different digits (1 <= k <= 45), spread over the
+    difficulty range: ranks :func:`spread_ranks` of the pairs sorted closest first (so ``k = 2``
+    gives the closest and the farthest pair, not two near-identical look-alikes)."""
+    ranked = candidate_pairs(verifiers)
+    return [ranked[r] for r in spread_ranks(k, len(ranked))]
 
 
 def slerp(a, b, w: float = 0.5):
@@ -322,6 +345,12 @@ def run_morphs(
     return report
 
 
+def verdicts(accepted) -> str:
+    """Each verifier's verdict on one morph, e.g. ``"a✓ b✗ c✓"`` (✓: accepted with both
+    sources)."""
+    return " ".join(f"{'abcdefgh'[k]}{'✓' if ok else '✗'}" for k, ok in enumerate(accepted))
+
+
 def save_figure(report: MorphReport, path, *, max_rows: int = 6, snapshots: int = 6):
     """PNG: per pair, the two sources, every method's morph (accepting verifiers marked), and
     the optimisation progress of the first optimised method."""
@@ -347,8 +376,7 @@ def save_figure(report: MorphReport, path, *, max_rows: int = 6, snapshots: int 
             (report.sources_b[i], f"b: digit {report.labels_b[i]}", ""),
         ]
         for r in report.results:
-            acc = "".join("abc"[k] if r.accepted[k, i] else "-" for k in range(len(r.accepted)))
-            cells.append((r.morphs[i], short(r.method.label), f"accepted: {acc}"))
+            cells.append((r.morphs[i], short(r.method.label), verdicts(r.accepted[:, i])))
         if prog is not None:
             for j in snap_idx:
                 loss = float(prog.losses[j, i])
@@ -367,7 +395,7 @@ def save_figure(report: MorphReport, path, *, max_rows: int = 6, snapshots: int 
             ax.set_xlabel(xlabel, fontsize=6)
             if i == 0 or j < 2:
                 ax.set_title(title, fontsize=6)
-    suptitle = "digit morphs (verifiers a, b, c at 0.1% FMR)"
+    suptitle = "digit morphs; a✓ / a✗: verifier a accepts / rejects the morph as both sources"
     if prog is not None:
         suptitle += f"; progress: {prog.method.label}"
     fig.suptitle(suptitle, fontsize=8)

@@ -6,6 +6,8 @@ JAX version and platform.
 
 from __future__ import annotations
 
+import functools
+import shutil
 import time
 from pathlib import Path
 
@@ -16,8 +18,16 @@ import optax
 from jax import lax
 from tqdm.auto import tqdm
 
-from .._schedule import VPLinear
+from jadeis import VPLinear
+
 from ._data import load_split
+from ._files import (
+    OutputDirError,
+    check_writable,
+    is_package_weights_dir,
+    replace_dir,
+    staging_dir,
+)
 from ._models import Denoiser, Verifier
 from ._nets import IMAGE_SHAPE, NUM_CLASSES, build
 from ._weights import DENOISER_FILE, VERIFIER_FILES, save_record, write_manifest
@@ -33,20 +43,28 @@ VERIFIER_SPECS = (
 
 
 def _run(step, state, key, steps, desc, progress):
-    """Run ``steps`` optimiser steps in jit-compiled chunks; returns (state, losses)."""
+    """Run exactly ``steps`` optimiser steps in jit-compiled chunks of ``CHUNK`` (the last one
+    shorter if ``CHUNK`` does not divide ``steps``); returns (state, losses)."""
 
-    @jax.jit
-    def chunk(state, key):
-        return lax.scan(step, state, jax.random.split(key, CHUNK))
+    @functools.partial(jax.jit, static_argnums=2)
+    def chunk(state, key, n):
+        return lax.scan(step, state, jax.random.split(key, n))
 
     losses = []
     n_chunks = -(-steps // CHUNK)
-    bar = tqdm(total=n_chunks * CHUNK, desc=desc, disable=not progress, unit="step")
+    bar = tqdm(total=steps, desc=desc, disable=not progress, unit="step")
     for c in range(n_chunks):
-        state, loss = chunk(state, jax.random.fold_in(key, c))
+        n = min(CHUNK, steps - c * CHUNK)
+        state, loss = chunk(state, jax.random.fold_in(key, c), n)
         loss = np.asarray(loss)
+        if not np.all(np.isfinite(loss)):
+            bar.close()
+            raise FloatingPointError(
+                f"{desc}: the training loss became non-finite at step "
+                f"{c * CHUNK + int(np.argmin(np.isfinite(loss)))}; nothing was written."
+            )
         losses.append(loss)
-        bar.update(CHUNK)
+        bar.update(n)
         bar.set_postfix(loss=f"{loss.mean():.4f}")
     bar.close()
     return state, np.concatenate(losses)
@@ -194,6 +212,37 @@ def calibrate(net, params, fmr: float = FMR):
     return threshold, stats
 
 
+OUTPUT_FILES = (
+    DENOISER_FILE,
+    *VERIFIER_FILES,
+    "manifest.json",
+    "training_loss.png",
+    "samples.png",
+)
+
+
+def check_train_out(out_dir, *, force: bool = False) -> Path:
+    """Raise :class:`OutputDirError` when training into ``out_dir`` could lose files: the
+    package's own weights folder (unless ``force``), a file, or a folder holding files other
+    than a previous training run's outputs. Creates nothing."""
+    out = check_writable(out_dir)
+    if is_package_weights_dir(out) and not force:
+        raise OutputDirError(
+            f"{str(out)!r} is the weights folder bundled with the installed jadeis; training "
+            f"into it would replace the bundled weights. Choose another folder and use it with "
+            f"`jadeis demo --weights DIR`, or pass --force (force=True) to replace them."
+        )
+    if out.is_dir():
+        other = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_FILES)
+        if other:
+            raise OutputDirError(
+                f"{str(out)!r} holds files that `jadeis train digits` does not write "
+                f"({', '.join(other[:5])}{', ...' if len(other) > 5 else ''}); it replaces the "
+                f"whole folder, so choose a new or empty folder."
+            )
+    return out
+
+
 def train_all(
     out_dir,
     *,
@@ -201,14 +250,31 @@ def train_all(
     steps: int = 6000,
     verifier_steps: int = 2000,
     progress: bool = True,
+    force: bool = False,
     log=print,
 ) -> dict:
     """Train the denoiser and the three verifiers; write the weights, ``manifest.json``,
-    ``training_loss.png`` and ``samples.png`` into ``out_dir``. Returns a report dict."""
+    ``training_loss.png`` and ``samples.png`` into ``out_dir``. Returns a report dict.
+
+    Everything is written into a temporary folder next to ``out_dir`` which replaces
+    ``out_dir`` only when complete: an interrupted run leaves an existing ``out_dir`` as it
+    was. Refuses the package's own weights folder unless ``force`` (see
+    :func:`check_train_out`)."""
+    out = check_train_out(out_dir, force=force)
+    work = staging_dir(out)
+    try:
+        report = _train_into(
+            work, seed=seed, steps=steps, verifier_steps=verifier_steps, progress=progress, log=log
+        )
+        report["replaced"] = replace_dir(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _train_into(out: Path, *, seed, steps, verifier_steps, progress, log) -> dict:
     from ._plot import grid, save_loss_plot, save_png
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model, d_losses = train_denoiser(seed=seed, steps=steps, progress=progress)
     hashes = {}
@@ -223,6 +289,7 @@ def train_all(
     )
     curves = {"denoiser (eps MSE)": d_losses}
     report = {"seed": seed, "steps": steps, "verifier_steps": verifier_steps, "verifiers": {}}
+    report["steps_run"] = {"denoiser": int(len(d_losses))}
     for k, (spec, fname) in enumerate(zip(VERIFIER_SPECS, VERIFIER_FILES)):
         v, losses, stats = train_verifier(
             spec, seed=seed + 1 + k, steps=verifier_steps, progress=progress
@@ -237,6 +304,7 @@ def train_all(
             extra={"threshold": v.threshold, "seed": seed + 1 + k, **_flat(stats)},
         )
         curves[f"{spec['name']} (CosFace)"] = losses
+        report["steps_run"][spec["name"]] = int(len(losses))
         report["verifiers"][spec["name"]] = {"threshold": v.threshold, **stats}
         log(
             f"{spec['name']}: threshold {v.threshold:.4f} at FMR {FMR:.1%} (val); test FMR "

@@ -2,13 +2,16 @@
 
 A weights file is one msgpack map ``{"format", "version", "kind", "name", "arch", "config",
 "params", "extra"}``. ``manifest.json`` in the same directory records the SHA-256 of every
-file (a mismatch is reported as corruption) and how they were trained.
+file and how they were trained. Loading verifies every file: it must be listed in the manifest
+with a matching SHA-256, hold the model its file name says, have finite parameters and (for a
+verifier) a threshold strictly between -1 and 1; anything else is a :class:`WeightsError`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from importlib import resources
 from pathlib import Path
@@ -83,17 +86,7 @@ def load_record(path, *, kind: str, example_inputs) -> tuple:
             f"`jadeis train digits --out {path.parent}` and point {ENV_VAR} (or --weights) at it."
         )
     data = path.read_bytes()
-    manifest = path.parent / MANIFEST
-    if manifest.is_file():
-        try:
-            expected = json.loads(manifest.read_text())["sha256"].get(path.name)
-        except (ValueError, KeyError, AttributeError) as e:
-            raise WeightsError(f"{manifest} is not a valid jadeis manifest: {e}") from e
-        if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-            raise WeightsError(
-                f"weights file {path} is corrupt: its SHA-256 does not match {manifest}. "
-                f"Reinstall jadeis or retrain with `jadeis train digits`."
-            )
+    _verify_hash(path, data)
     try:
         record = flax.serialization.msgpack_restore(data)
     except Exception as e:  # noqa: BLE001 - any decoding failure means a corrupt file
@@ -132,5 +125,61 @@ def load_record(path, *, kind: str, example_inputs) -> tuple:
                 f"parameter {jax.tree_util.keystr(kp)} has shape {np.shape(v)} "
                 f"({np.asarray(v).dtype}), expected {tuple(s.shape)} ({s.dtype})."
             )
+    _check_values(path, record)
     params = jax.device_put(params)
     return net, params, record
+
+
+def _verify_hash(path: Path, data: bytes):
+    """Every weights file must be listed in its folder's manifest with a matching SHA-256."""
+    manifest = path.parent / MANIFEST
+    retrain = (
+        "Weights written by `jadeis train digits --out DIR` come with one; retrain, or "
+        "reinstall jadeis for the bundled weights."
+    )
+    if not manifest.is_file():
+        raise WeightsError(
+            f"cannot verify {path}: there is no {MANIFEST} in {path.parent} to check it "
+            f"against (every weights file is checked against its SHA-256). {retrain}"
+        )
+    try:
+        expected = json.loads(manifest.read_text())["sha256"].get(path.name)
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        raise WeightsError(f"{manifest} is not a valid jadeis manifest: {e}") from e
+    if expected is None:
+        raise WeightsError(
+            f"cannot verify {path}: {manifest} has no SHA-256 entry for {path.name}. {retrain}"
+        )
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise WeightsError(
+            f"weights file {path} is corrupt: its SHA-256 does not match {manifest}. "
+            f"Reinstall jadeis or retrain with `jadeis train digits`."
+        )
+
+
+def _check_values(path: Path, record: dict):
+    """Finite parameters, the name the file is stored under, a plausible threshold."""
+    if record.get("name") != path.stem:
+        raise WeightsError(
+            f"weights file {path} holds the model {record.get('name')!r}, not {path.stem!r} "
+            f"(a file copied over another?). Retrain with `jadeis train digits`."
+        )
+    for kp, v in jax.tree.leaves_with_path({"params": record["params"], "extra": record["extra"]}):
+        a = np.asarray(v)
+        if np.issubdtype(a.dtype, np.number) and not np.all(np.isfinite(a)):
+            raise WeightsError(
+                f"weights file {path} has non-finite values in {jax.tree_util.keystr(kp)}. "
+                f"Retrain with `jadeis train digits`."
+            )
+    if record["kind"] == "verifier":
+        thr = record["extra"].get("threshold") if isinstance(record["extra"], dict) else None
+        try:
+            thr = float(thr)
+        except (TypeError, ValueError):
+            thr = math.nan
+        if not -1.0 < thr < 1.0:
+            raise WeightsError(
+                f"weights file {path} has an implausible threshold {thr} (a cosine-similarity "
+                f"threshold must lie strictly between -1 and 1). Retrain with "
+                f"`jadeis train digits`."
+            )
