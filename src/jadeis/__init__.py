@@ -10,6 +10,7 @@ from ._conditioning import ConditioningFn as ConditioningFn, PerStep as PerStep
 from ._encode import encode_ode as encode_ode, encode_sde as encode_sde
 from ._grid import time_grid as time_grid
 from ._guidance import GuideResult as GuideResult, guide as guide
+from ._learned_grid import LearnedGrid as LearnedGrid, learn_time_grid as learn_time_grid
 from ._parameterisation import as_eps_fn as as_eps_fn
 from ._sample import (
     AdjointResult as AdjointResult,

@@ -20,7 +20,7 @@ import optax
 from jaxtyping import Array
 from tqdm.auto import tqdm
 
-from ._adjoint import AbstractAdjoint, Backprop
+from ._adjoint import AbstractAdjoint, DiscreteAdjoint
 from ._grid import time_grid
 from ._sample import sample
 from ._schedule import AbstractSchedule
@@ -95,7 +95,7 @@ def learn_time_grid(
     optimizer: optax.GradientTransformation | None = None,
     num_iters: int = 100,
     loss_fn: Callable | None = None,
-    adjoint: AbstractAdjoint = Backprop(),
+    adjoint: AbstractAdjoint = DiscreteAdjoint(),
     t_start=None,
     t_end=None,
     progress: bool = False,
@@ -128,7 +128,7 @@ def learn_time_grid(
     - `num_iters`: number of updates (int >= 0).
     - `loss_fn`: ``loss_fn(x_0, reference) -> scalar``; default the mean squared error.
     - `adjoint`: the gradient strategy of the sampler. It must give gradients with respect
-      to the times (default ``jadeis.Backprop()``); a strategy whose gradient is zero while
+      to the times (default ``jadeis.DiscreteAdjoint()``, exact, memory N |x|); a strategy whose gradient is zero while
       the loss is not raises an error rather than returning the initial grid.
     - `t_start`, `t_end`: end points of a spacing `init` (default the schedule's
       ``t_max``, ``t_min``).
@@ -175,7 +175,7 @@ def learn_time_grid(
             )
     if not isinstance(adjoint, AbstractAdjoint):
         raise ValueError(
-            f"{where}: adjoint must be a jadeis gradient strategy such as jadeis.Backprop(), "
+            f"{where}: adjoint must be a jadeis gradient strategy such as jadeis.DiscreteAdjoint(), "
             f"got {adjoint!r}."
         )
     if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 0:
@@ -279,7 +279,7 @@ def learn_time_grid(
             raise ValueError(
                 f"{where}: the gradient with respect to the time grid is exactly zero with "
                 f"adjoint={adjoint!r} although the loss is {loss_value:.3g}: this strategy "
-                f"(or loss_fn) does not differentiate the times. Use adjoint=jadeis.Backprop()."
+                f"(or loss_fn) does not differentiate the times. Use adjoint=jadeis.DiscreteAdjoint() or jadeis.Backprop()."
             )
         logits = new_logits
         losses.append(loss_value)
