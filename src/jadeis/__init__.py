@@ -33,6 +33,7 @@ from ._solver import (
     DPMSolverPP as DPMSolverPP,
     SDEDPMSolver as SDEDPMSolver,
     SDEDPMSolverPP as SDEDPMSolverPP,
+    UniPC as UniPC,
 )
 
 __version__ = "0.1.0"
