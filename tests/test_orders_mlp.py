@@ -13,8 +13,9 @@ diffrax Tsit5 with rtol = atol = 1e-10, and its exact gradient by jax.grad throu
 solve (``RecursiveCheckpointAdjoint``); computed once per module.
 
 Grid sizes: N = 64, 128, 256. From N = 64 on every method is in its asymptotic range
-(measured local slopes on N = 64..256: DDIM 0.92-0.95, DPM-Solver++(2M) 1.96-1.98,
-DPM-Solver(3M) 2.80-2.91, DPM-Solver++(3M) 2.98-2.99; AdjointDEIS-3 2.9-3.1). Below
+(fitted on N = 64..256: DDIM 0.97, DPM-Solver++(2M) 1.99, DPM-Solver(3M) 2.85,
+DPM-Solver++(3M) 2.99, plain-warm-up 3M 2.03; AdjointDEIS-1/2/3 0.93-0.98, 2.03-2.06,
+3.07-3.09). Below
 N = 64 the noise-form DPM-Solver(3M) is pre-asymptotic (2.5 from 32 to 64, with a perfect
 warm-up too) and AdjointDEIS-1's error changes sign in some components.
 """
@@ -124,7 +125,7 @@ def test_forward_order_mlp(errors, name):
 
 def test_plain_warmup_is_second_order_mlp(errors):
     """What the corrected warm-up fixes: with the plain lower-order warm-up, 3M is
-    second order on this model (measured 2.04-2.07), and several times less accurate."""
+    second order on this model (measured 2.03), and 6-25 times less accurate."""
     plain = [errors["DPMSolverPP3-plain", n] for n in NS]
     corrected = [errors["DPMSolverPP3", n] for n in NS]
     assert fitted_order(NS, plain) < 2.3, plain
