@@ -359,8 +359,22 @@ def test_lower_order_final_on_short_grid():
     np.testing.assert_allclose(
         with3[6], pp_step(with3[5], t[5], t[6], d[5]), rtol=1e-12, atol=1e-14
     )
-    # the first two steps are the order-1 and order-2 warm-up
-    np.testing.assert_allclose(with3[:3], np_multistep(np.asarray(X_T), t, [1, 2]), rtol=1e-12)
+    # the first two steps are the corrected warm-up (docs/math/samplers.md): step 1 is
+    # first order; step 2 first corrects x_1 with the linear interpolant of D through
+    # D_0 and D_1 (D_1 from the uncorrected x_1), then takes the second-order step
+    np.testing.assert_allclose(with3[:2], np_multistep(np.asarray(X_T), t, [1]), rtol=1e-12)
+    h0 = np_lambda(t[1]) - np_lambda(t[0])
+    x1c = with3[1] + np_alpha(t[1]) * (h0 + np.expm1(-h0)) * (d[1] - d[0]) / h0
+    np.testing.assert_allclose(
+        with3[2], pp_step(x1c, t[1], t[2], d[1], d[0], h0), rtol=1e-12, atol=1e-14
+    )
+    # warmup="lower_order": the plain order-1 and order-2 warm-up (DPM-Solver, diffusers)
+    plain3 = traj_of(jadeis.DPMSolverPP(order=3, warmup="lower_order"))
+    np.testing.assert_allclose(plain3[:3], np_multistep(np.asarray(X_T), t, [1, 2]), rtol=1e-12)
+    # order 2 keeps the plain warm-up by default ("auto")
+    np.testing.assert_array_equal(
+        with_lof, traj_of(jadeis.DPMSolverPP(order=2, warmup="lower_order"))
+    )
 
 
 # ---------------------------------------------------------------------------------------

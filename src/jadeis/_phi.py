@@ -99,3 +99,30 @@ def multistep_weights(lam_t, lam_s, lam_1, lam_2, kappa: float, order, midpoint:
     w1 = jnp.where(use3, w3_1, jnp.where(use2, w2_1, zero))
     w2 = jnp.where(use3, w3_2, zero)
     return jnp.stack([w0, w1, w2], axis=-1)
+
+
+def warmup_correction(lam, kappa: float):
+    r"""Weights that turn the first (order-1) step of a multistep method into a 2nd-order one.
+
+    The first step from ``lam[0]`` to ``lam[1]`` has only ``F0`` and is first order: local
+    error O(h^2), which alone makes the global error of a third-order method O(h^2). Once
+    ``F1`` (at ``lam[1]``) is known, the step's integral of the linear interpolant through
+    ``F0`` and ``F1`` differs from the one-point rule by ``c1 (F1 - F0) / h0`` with
+    ``h0 = lam[1] - lam[0]`` and ``c1 = h0^2 phi_2(-kappa h0)``. Carried to ``lam[2]`` by
+    the kernel ``exp(kappa (lam[1] - lam[2]))``, this correction is linear in ``F1`` and
+    ``F0``, so it is added to the second step's weights on its current and previous values
+    (a corrector in the sense of UniPC, applied once, with no extra model evaluation;
+    docs/math/samplers.md, "warm-up"). Returns ``(w_current, w_previous)`` for step 1 (to
+    be added to row 1 of :func:`multistep_weights`, columns 0 and 1). ``lam`` needs at least
+    three grid points.
+    """
+    h0 = lam[1] - lam[0]
+    h1 = lam[2] - lam[1]
+    corr = jnp.exp(-kappa * h1) * h0 * phi(2, -kappa * h0)  # exp(.) c1 / h0
+    return corr, -corr
+
+
+def add_warmup_correction(w, lam, kappa: float):
+    """``w`` (N, 3) with :func:`warmup_correction` added to row 1 (N >= 2)."""
+    corr, _ = warmup_correction(lam, kappa)
+    return w.at[1, 0].add(corr).at[1, 1].add(-corr)

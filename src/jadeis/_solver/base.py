@@ -34,16 +34,18 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-from .._phi import multistep_weights
+from .._phi import add_warmup_correction, multistep_weights
 from .._schedule import AbstractSchedule
 
 
 def check_int(owner: str, name: str, value, lo: int, hi: int | None = None) -> int:
     """``value`` as a Python int in [lo, hi]; numpy/JAX integers accepted, bools refused."""
     ok = not isinstance(value, bool) and (
-        isinstance(value, (int, np.integer)) or (getattr(value, "shape", None) == () and
-                                                 np.issubdtype(getattr(value, "dtype", float),
-                                                               np.integer))
+        isinstance(value, (int, np.integer))
+        or (
+            getattr(value, "shape", None) == ()
+            and np.issubdtype(getattr(value, "dtype", float), np.integer)
+        )
     )
     if ok:
         value = int(value)
@@ -88,6 +90,34 @@ def effective_orders(order: int, n: int, lower_order_final: bool) -> np.ndarray:
         if n >= 2:
             orders[-2] = min(orders[-2], 2)
     return orders
+
+
+WARMUPS = ("auto", "corrected", "lower_order")
+
+
+def resolve_warmup(owner: str, warmup, order: int) -> bool:
+    """Whether a multistep method of ``order`` uses the corrected warm-up (docs/math/samplers.md).
+
+    ``"lower_order"``: the first step is first order, the second at most second order
+    (DPM-Solver, diffusers). ``"corrected"``: in addition, the second step corrects the
+    first with the second model output (:func:`jadeis._phi.warmup_correction`), so the
+    warm-up's local errors are O(h^3) and a third-order method stays third order; no extra
+    model evaluation. ``"auto"``: corrected for order 3, lower-order otherwise (order 2
+    is second order either way, and keeps the form diffusers and k-diffusion use).
+    """
+    if not isinstance(warmup, str) or warmup not in WARMUPS:
+        raise ValueError(
+            f"{owner}: warmup must be 'auto', 'corrected' or 'lower_order', got warmup={warmup!r}."
+        )
+    if warmup == "auto":
+        return order >= 3
+    return warmup == "corrected"
+
+
+def corrects_warmup(corrected: bool, orders: np.ndarray) -> bool:
+    """Whether the warm-up correction applies on a grid with these per-step ``orders``:
+    asked for, and there is a second step of order >= 2 to carry it."""
+    return bool(corrected and orders.shape[0] >= 2 and orders[1] >= 2)
 
 
 def lambda_history(lam: Array):
@@ -213,14 +243,22 @@ class AbstractExponentialSolver(AbstractLinearMultistepSolver):
     def _midpoint(self) -> bool:
         return False
 
+    def _corrected_warmup(self) -> bool:
+        """Whether the second step corrects the first-order first step (see
+        :func:`resolve_warmup`); solvers with a ``warmup`` option override this."""
+        return False
+
     def coefficients(self, schedule, ts):
         n = ts.shape[0] - 1
-        orders = jnp.asarray(effective_orders(self.order, n, self.lower_order_final))
+        orders_np = effective_orders(self.order, n, self.lower_order_final)
+        orders = jnp.asarray(orders_np)
         lam = schedule.log_snr(ts)
         lam_s, lam_t, lam_1, lam_2 = lambda_history(lam)
         w = multistep_weights(
             lam_t, lam_s, lam_1, lam_2, self.kappa, orders, midpoint=self._midpoint()
         )
+        if corrects_warmup(self._corrected_warmup(), orders_np):
+            w = add_warmup_correction(w, lam, self.kappa)
         h = lam_t - lam_s
         log_alpha = schedule.log_alpha(ts)
         log_sigma = schedule.log_sigma(ts)

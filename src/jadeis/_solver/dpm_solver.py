@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from .base import AbstractNoiseSolver
+from .base import AbstractNoiseSolver, resolve_warmup
 
 
 class DPMSolver(AbstractNoiseSolver):
@@ -12,6 +12,9 @@ class DPMSolver(AbstractNoiseSolver):
     ``order`` model outputs in lambda (phi-functions). Order 1 is DDIM. Lower-order warm-up
     for the first steps; with ``lower_order_final`` the last steps of grids shorter than
     15 steps drop to order 1 and 2 (as diffusers).
+    ``warmup`` (``"auto"``, ``"corrected"`` or ``"lower_order"``) as in
+    :class:`DPMSolverPP`: by default order 3 corrects its first-order first step in the
+    second step (no extra model evaluation; docs/math/samplers.md).
 
     **Example:**
 
@@ -25,4 +28,11 @@ class DPMSolver(AbstractNoiseSolver):
 
     order: int = 2
     lower_order_final: bool = True
+    warmup: str = "auto"
     stochastic: ClassVar[bool] = False
+
+    def __check_init__(self):
+        resolve_warmup("DPMSolver", self.warmup, self.order)
+
+    def _corrected_warmup(self) -> bool:
+        return resolve_warmup("DPMSolver", self.warmup, self.order)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from .base import AbstractDataSolver
+from .base import AbstractDataSolver, resolve_warmup
 
 _VARIANTS = ("exact", "midpoint")
 
@@ -19,6 +19,11 @@ class DPMSolverPP(AbstractDataSolver):
 
     - `order`: 1, 2 or 3.
     - `lower_order_final`: drop to order 1 (and 2) at the end of grids of < 15 steps.
+    - `warmup`: ``"auto"`` (default: ``"corrected"`` for order 3, ``"lower_order"``
+      otherwise), ``"corrected"`` or ``"lower_order"``. The first step has no history and
+      is first order; ``"corrected"`` lets the second step correct it with the second model
+      output (no extra evaluation), so 3M is third order on real models
+      (docs/math/samplers.md, "corrected warm-up").
     - `variant`: ``"exact"`` (default) integrates the linear interpolant exactly
       (weight ``h^2 phi_2`` on the first divided difference); ``"midpoint"`` is the form
       diffusers and k-diffusion use by default (their ``solver_type="midpoint"``, weight
@@ -39,6 +44,7 @@ class DPMSolverPP(AbstractDataSolver):
 
     order: int = 2
     lower_order_final: bool = True
+    warmup: str = "auto"
     variant: str = "exact"
     kappa: ClassVar[float] = 1.0
     stochastic: ClassVar[bool] = False
@@ -48,6 +54,10 @@ class DPMSolverPP(AbstractDataSolver):
             raise ValueError(
                 f"DPMSolverPP: variant must be 'exact' or 'midpoint', got variant={self.variant!r}."
             )
+        resolve_warmup("DPMSolverPP", self.warmup, self.order)
+
+    def _corrected_warmup(self) -> bool:
+        return resolve_warmup("DPMSolverPP", self.warmup, self.order)
 
     def _midpoint(self) -> bool:
         return self.variant == "midpoint"
