@@ -22,23 +22,21 @@ Writes ``benchmarks/results/gradient_cost.{md,csv}`` and
 
 from __future__ import annotations
 
-import argparse
-import csv
-import datetime
-import os
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import jadeis
+import argparse  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import common as C  # noqa: E402
+import jadeis  # noqa: E402
+
+RESULTS = C.RESULTS
 SCHEDULE = jadeis.VPLinear()
 SOLVER = jadeis.DPMSolverPP(order=2)
 
@@ -62,44 +60,19 @@ MEMORY_STRATEGIES = (
 
 
 # ----------------------------------------------------------------------------------------
-# The model: a small MLP noise predictor with a time embedding and a conditioning vector
+# The model: the benchmark MLP (common.py) with a time embedding and a conditioning vector:
+# [x, sin/cos(t freqs), z] -> dense -> silu -> dense -> silu -> dense
 
-
-def init_mlp(key, dim, hidden, emb, zdim, dtype):
-    keys = jax.random.split(key, 4)
-
-    def dense(k, n_in, n_out):
-        w = jax.random.normal(k, (n_in, n_out), jnp.float32) / np.sqrt(n_in)
-        return w.astype(dtype), jnp.zeros((n_out,), dtype)
-
-    return {
-        "l1": dense(keys[0], dim + emb + zdim, hidden),
-        "l2": dense(keys[1], hidden, hidden),
-        "l3": dense(keys[2], hidden, dim),
-        "freqs": jnp.exp(jnp.linspace(0.0, 4.0, emb // 2)).astype(dtype),
-    }
-
-
-def mlp_eps(params, x, t, z):
-    """eps(x, t, z): [x, sin/cos(t freqs), z] -> dense -> silu -> dense -> silu -> dense."""
-    phase = t * params["freqs"]
-    emb = jnp.concatenate([jnp.sin(phase), jnp.cos(phase)])
-    batch = x.shape[0]
-    h = jnp.concatenate(
-        [x, jnp.broadcast_to(emb, (batch,) + emb.shape), jnp.broadcast_to(z, (batch,) + z.shape)],
-        axis=1,
-    )
-    for name in ("l1", "l2"):
-        w, b = params[name]
-        h = jax.nn.silu(h @ w + b)
-    w, b = params["l3"]
-    return h @ w + b
+mlp_eps = C.mlp_eps
+EMB, ZDIM = 16, 8
 
 
 def make_problem(batch, dim, hidden, dtype=jnp.float32):
-    params = init_mlp(jax.random.key(0), dim, hidden, 16, 8, dtype)
+    sizes = [dim + EMB + ZDIM, hidden, hidden, dim]
+    freqs = C.time_embedding_freqs(EMB, 4.0, dtype=dtype)
+    params = C.init_mlp(jax.random.key(0), sizes, dtype, freqs=freqs)
     x_T = jax.random.normal(jax.random.key(1), (batch, dim), dtype)
-    z = jax.random.normal(jax.random.key(2), (8,), dtype)
+    z = jax.random.normal(jax.random.key(2), (ZDIM,), dtype)
     return params, x_T, z
 
 
@@ -116,15 +89,8 @@ def floor_fn(ts):
     left out, only the model's cost is kept)."""
 
     def run(params, x_T, z):
-        _, traj = jadeis.sample(
-            mlp_eps,
-            params,
-            x_T,
-            z,
-            schedule=SCHEDULE,
-            ts=ts,
-            solver=SOLVER,
-            return_trajectory=True,
+        traj = jadeis.sample_trajectory(
+            mlp_eps, params, x_T, z, schedule=SCHEDULE, ts=ts, solver=SOLVER
         )
         traj = jax.lax.stop_gradient(traj)
 
@@ -163,29 +129,6 @@ def grad_fn(ts, adjoint):
 # Measurement
 
 
-def compile_timed(fn, args):
-    """(compiled executable, seconds for trace + lower + XLA compile)."""
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    return compiled, time.perf_counter() - t0
-
-
-def calls_per_batch(compiled, args, min_batch_s):
-    jax.block_until_ready(compiled(*args))  # warm-up
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    one = max(time.perf_counter() - t0, 1e-7)
-    return max(1, int(np.ceil(min_batch_s / one)))
-
-
-def timed_batch(compiled, args, calls):
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        out = compiled(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / calls
-
-
 def bench_cost(label, n, problem, reps, min_batch_s, log):
     """Rows of the cost table at one N: forward and every strategy, timed round-robin."""
     args = problem
@@ -194,19 +137,19 @@ def bench_cost(label, n, problem, reps, min_batch_s, log):
     fns.update({name: grad_fn(ts, adj) for name, adj in STRATEGIES.items()})
     compiled, compile_s, calls = {}, {}, {}
     for name, fn in fns.items():
-        compiled[name], compile_s[name] = compile_timed(fn, args)
-        calls[name] = calls_per_batch(compiled[name], args, min_batch_s)
+        compiled[name], compile_s[name], _ = C.compile_timed(fn, args)
+        calls[name] = C.calls_per_batch(compiled[name], args, min_batch_s)
         log(f"  N={n} compiled {name} in {compile_s[name]:.2f} s")
     samples = {name: [] for name in fns}
     for _ in range(reps):
         for name in fns:
-            samples[name].append(timed_batch(compiled[name], args, calls[name]))
+            samples[name].append(C.timed_batch(compiled[name], args, calls[name]))
     fwd = statistics.median(samples["forward (sample)"])
     floor = statistics.median(samples[FLOOR])
     rows = []
     for name in fns:
         med = statistics.median(samples[name])
-        q1, _, q3 = statistics.quantiles(samples[name], n=4)
+        q1, _, q3 = C.quartiles(samples[name])
         rows.append(
             {
                 "problem": label,
@@ -223,18 +166,13 @@ def bench_cost(label, n, problem, reps, min_batch_s, log):
     return rows
 
 
-def temp_bytes(fn, args):
-    analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
-    return None if analysis is None else int(analysis.temp_size_in_bytes)
-
-
 def bench_memory(ns, problem, log):
     rows = []
     x_bytes = problem[1].size * problem[1].dtype.itemsize
     for n in ns:
         ts = jadeis.time_grid(SCHEDULE, n)
         for name in MEMORY_STRATEGIES:
-            b = temp_bytes(grad_fn(ts, STRATEGIES[name]), problem)
+            b = C.compile_timed(grad_fn(ts, STRATEGIES[name]), problem)[2]
             rows.append({"N": n, "method": name, "temp_bytes": b, "x_bytes": x_bytes})
             log(f"  N={n} {name}: {b / 2**20:.3f} MiB")
     return rows
@@ -244,31 +182,7 @@ def bench_memory(ns, problem, log):
 # Reporting
 
 
-def machine_info():
-    dev = jax.devices()[0]
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
-        "device": f"{dev.platform} ({getattr(dev, 'device_kind', '?')}), {jax.device_count()}",
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": getattr(jax.lib, "__version__", "?"),
-        "jadeis": jadeis.__version__,
-        "numpy": np.__version__,
-        "load average": ", ".join(f"{v:.1f}" for v in os.getloadavg()),
-    }
-
-
-def write_csv(path, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-
-
-def machine_md(info):
-    return "\n".join(f"- {k}: {v}" for k, v in info.items())
+machine_md = C.machine_md
 
 
 def cost_md(rows, info, setup):
@@ -391,7 +305,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: small sizes, prints only")
     args = p.parse_args(argv)
-    log = lambda *a: print(*a, flush=True)
+    log = C.log
 
     if args.quick:
         cost_ns, reps, min_batch_s, mem_ns = (10,), 3, 0.01, (10, 50)
@@ -406,7 +320,7 @@ def main(argv=None):
         f"float32 MLP eps(x, t, z) with two silu hidden layers, "
         f"{type(SOLVER).__name__}(order={SOLVER.order}), VPLinear, log-SNR grid"
     )
-    info = machine_info()
+    info = C.machine_info()
     log(common)
     log(info)
 
@@ -425,16 +339,16 @@ def main(argv=None):
     problem = make_problem(*sizes[mem_size])
     mem_setup = f"Problem: {common}, {label(mem_size)}"
     mem_rows = bench_memory(mem_ns, problem, log)
-    info["load average (end)"] = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    info["load_average_at_end"] = C.load_average()
 
     if args.quick:
         print(cost_md(cost_rows, info, setup))
         print(memory_md(mem_rows, info, mem_setup, "memory_vs_n.png"))
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_csv(RESULTS / "gradient_cost.csv", cost_rows)
+    C.write_csv(RESULTS / "gradient_cost.csv", cost_rows, float_format=".6g")
     (RESULTS / "gradient_cost.md").write_text(cost_md(cost_rows, info, setup))
-    write_csv(RESULTS / "memory_vs_n.csv", mem_rows)
+    C.write_csv(RESULTS / "memory_vs_n.csv", mem_rows, float_format=".6g")
     (RESULTS / "memory_vs_n.md").write_text(memory_md(mem_rows, info, mem_setup, "memory_vs_n.png"))
     plot_memory(mem_rows, RESULTS / "memory_vs_n.png", f"{label(mem_size)}, float32")
     log(f"wrote {RESULTS}/gradient_cost.{{md,csv}} and memory_vs_n.{{md,csv,png}}")

@@ -18,56 +18,32 @@ Target: overhead <= 5% of the hand-written loop's median wall time.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import os
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import equinox as eqx
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax import lax
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import jadeis
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+import common as C  # noqa: E402
+import jadeis  # noqa: E402
+
+RESULTS = C.RESULTS
+
+
+# the benchmark MLP (common.py) without conditioning:
+# [x, sin/cos(t * freqs)] -> dense -> silu -> dense -> silu -> dense
+mlp_eps = C.mlp_eps
 
 
 def init_mlp(key, dim, hidden, emb, dtype):
-    k1, k2, k3, k4 = jax.random.split(key, 4)
-
-    def dense(k, n_in, n_out):
-        return (
-            (jax.random.normal(k, (n_in, n_out)) / np.sqrt(n_in)).astype(dtype),
-            jnp.zeros((n_out,), dtype),
-        )
-
-    return {
-        "l1": dense(k1, dim + emb, hidden),
-        "l2": dense(k2, hidden, hidden),
-        "l3": dense(k3, hidden, dim),
-        "freqs": (jnp.exp(jnp.linspace(0.0, 6.0, emb // 2)) * jax.random.uniform(k4, ())).astype(
-            dtype
-        ),
-    }
-
-
-def mlp_eps(params, x, t, z):
-    """eps(x, t): [x, sin/cos(t * freqs)] -> dense -> silu -> dense -> silu -> dense."""
-    del z
-    phase = t * params["freqs"]
-    emb = jnp.concatenate([jnp.sin(phase), jnp.cos(phase)])
-    h = jnp.concatenate([x, jnp.broadcast_to(emb, (x.shape[0], emb.shape[0]))], axis=1)
-    for name in ("l1", "l2"):
-        w, b = params[name]
-        h = jax.nn.silu(h @ w + b)
-    w, b = params["l3"]
-    return h @ w + b
+    scale = jax.random.uniform(jax.random.fold_in(key, 99), ())
+    freqs = C.time_embedding_freqs(emb, 6.0, scale=scale, dtype=dtype)
+    return C.init_mlp(key, [dim + emb, hidden, hidden, dim], dtype, freqs=freqs)
 
 
 def make_sample(schedule):
@@ -100,49 +76,10 @@ def make_scan(schedule):
 
 
 def timed(fn, *args):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - t0
+    return C.timed_call(fn, *args)[0]
 
 
-def timed_both(fn, *args):
-    """(wall, process CPU) seconds of one synchronised call."""
-    c0, t0 = time.process_time(), time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - t0, time.process_time() - c0
-
-
-def machine_info():
-    info = {
-        "date (UTC)": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu count": str(os.cpu_count()),
-        "python": sys.version.split()[0],
-        "jax": jax.__version__,
-        "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else "",
-        "equinox": eqx.__version__,
-        "numpy": np.__version__,
-        "jadeis": jadeis.__version__,
-        "devices": ", ".join(str(d) for d in jax.devices()),
-    }
-    try:
-        import jaxlib
-
-        info["jaxlib"] = jaxlib.__version__
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["processor"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    if hasattr(os, "getloadavg"):
-        info["load average (1 min) at start"] = f"{os.getloadavg()[0]:.2f}"
-    return info
+timed_both = C.timed_call  # (wall, process CPU) seconds of one synchronised call
 
 
 def main(argv=None):
@@ -238,14 +175,10 @@ def main(argv=None):
     if args.quick:
         return rows, overhead
 
-    info = machine_info()
+    info = C.machine_info()
     RESULTS.mkdir(parents=True, exist_ok=True)
     extra = {f"overhead_{k}_pct": round(v, 2) for k, v in overhead.items()}
-    with open(RESULTS / "sample_overhead.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) + list(extra))
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, **extra})
+    C.write_csv(RESULTS / "sample_overhead.csv", [{**r, **extra} for r in rows])
     cmd = " ".join(sys.argv[1:]) or "defaults"
     lines = [
         "# `jadeis.sample` overhead over a hand-written `lax.scan` DDIM loop",
@@ -280,7 +213,7 @@ def main(argv=None):
         "## Machine",
         "",
     ]
-    lines += [f"- {k}: {v}" for k, v in info.items()]
+    lines.append(C.machine_md(info))
     lines.append("")
     (RESULTS / "sample_overhead.md").write_text("\n".join(lines))
     print(f"wrote {RESULTS / 'sample_overhead.md'} and .csv")

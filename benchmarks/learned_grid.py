@@ -18,19 +18,20 @@ The digits network computes in float32, so everything runs in float32.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import jadeis
-from jadeis.digits import load_denoiser
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import common as C  # noqa: E402
+import jadeis  # noqa: E402
+from jadeis.digits import load_denoiser  # noqa: E402
 
 try:
     learn_time_grid = jadeis.learn_time_grid
@@ -48,34 +49,11 @@ HEADLINE = ("DPM-Solver++(2M)", 8)
 DTYPE = jnp.float32
 
 
-def log(*a):
-    print(*a, flush=True)
+log = C.log
 
 
 def machine_info(t_start):
-    import optax  # noqa: PLC0415
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t_start)),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jax_backend": jax.default_backend(),
-        "optax": optax.__version__,
-        "jadeis": jadeis.__version__,
-        "numpy": np.__version__,
-    }
+    return C.machine_info(t_start)
 
 
 def batch(model, seed, size):
@@ -223,7 +201,7 @@ def main(argv=None):
             )
 
     total = time.time() - t_start
-    info["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    info["load_average_at_end"] = C.load_average()
     info["total_seconds"] = round(total, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     write_markdown(args, info, rows, grids, sample_times, ref_err, sch)

@@ -69,6 +69,9 @@ def pf_ode_rho(schedule, eps_fn):
 
 @dataclasses.dataclass(frozen=True)
 class Method:
+    """A gradient method. ``name`` is for display only (tables, plots, CSV ``method``
+    column); code selects methods by ``tags`` (see :func:`select`)."""
+
     name: str
     family: str  # "jadeis" | "diffrax" | "scan"
     variable: str  # "N" (fixed grid) or "tol" (adaptive)
@@ -77,6 +80,65 @@ class Method:
     forward_key: str = ""  # methods sharing a forward pass share its timing
     note: str = ""
     spacing: str = "logsnr"  # time_grid spacing of the fixed-grid settings
+    tags: frozenset = frozenset()
+
+
+# ----------------------------------------------------------------------------------------
+# Tags
+#
+# Every method carries descriptive tags (its family "jadeis"/"diffrax"/"scan"; strategy
+# "adjointdeis"/"discrete"/"backprop"/"backsolve"/"recursive"/"checkpoint"/"plain"; solver
+# "dpm1".."dpm3"/"dpmpp2"/"dpmpp3"/"tsit5"/"euler"/"heun"; "cached"/"reconstruct"; grid
+# "logsnr"/"karras"/"quadratic"; diffrax variable "t"/"rho"; "fixed"/"adaptive") and the
+# role tags the benchmark jobs select by:
+#
+#   redundant      dominated or duplicate variants, run only with --all-methods
+#   quick          the --quick sweep (and, with "grid", the digits sweep)
+#   grid           a non-default time grid (karras, quadratic)
+#   gaussian       the sanity check against the Gaussian closed form
+#   compile-quick  the --quick cold-compile table
+#   memory, memory-quick      the memory-vs-N job (full, --quick)
+#   e2e, e2e-quick            the end-to-end Adam job (full, --quick)
+
+
+def parse_selector(spec) -> list[tuple[frozenset, frozenset]]:
+    """``"a+b,c+!d"`` -> [({a, b}, {}), ({c}, {d})]: terms separated by commas are
+    alternatives (OR); tags joined by ``+`` in a term are all required (AND); ``!tag``
+    excludes. A list or tuple of such strings is joined by commas."""
+    if not isinstance(spec, str):
+        spec = ",".join(spec)
+    terms = []
+    for term in spec.split(","):
+        term = term.strip()
+        if not term:
+            continue
+        parts = [t.strip() for t in term.split("+") if t.strip()]
+        need = frozenset(t for t in parts if not t.startswith("!"))
+        avoid = frozenset(t[1:] for t in parts if t.startswith("!"))
+        terms.append((need, avoid))
+    return terms
+
+
+def matches(method: Method, spec) -> bool:
+    return any(
+        need <= method.tags and not (avoid & method.tags) for need, avoid in parse_selector(spec)
+    )
+
+
+def select(methods, spec) -> list[Method]:
+    """The methods matching the tag selector ``spec`` (see :func:`parse_selector`), in the
+    order given. Raises if ``spec`` names a tag no method has (a typo would silently select
+    nothing)."""
+    known = frozenset().union(*(m.tags for m in methods)) if methods else frozenset()
+    for need, avoid in parse_selector(spec):
+        unknown = (need | avoid) - known
+        if unknown:
+            raise ValueError(f"unknown method tag(s) {sorted(unknown)}; known: {sorted(known)}")
+    return [m for m in methods if matches(m, spec)]
+
+
+def all_tags(methods) -> list[str]:
+    return sorted(frozenset().union(*(m.tags for m in methods)))
 
 
 def _loss_grad(problem, x0_fn, xT_only=False):
@@ -100,7 +162,7 @@ def _loss_grad(problem, x0_fn, xT_only=False):
     return grad
 
 
-def jadeis_method(name, solver, adjoint, counts, note="", spacing="logsnr"):
+def jadeis_method(name, solver, adjoint, counts, note="", spacing="logsnr", tags=()):
     def make(problem, eps_fn=None, xT_only=False):
         eps_fn = problem.eps_fn if eps_fn is None else eps_fn
 
@@ -116,7 +178,8 @@ def jadeis_method(name, solver, adjoint, counts, note="", spacing="logsnr"):
         return fwd, _loss_grad(problem, x0_fn, xT_only)
 
     key = f"jadeis {type(solver).__name__}({solver.order}) {spacing}"
-    return Method(name, "jadeis", "N", make, counts, key, note, spacing)
+    tags = frozenset({"jadeis", "fixed", spacing, *tags})
+    return Method(name, "jadeis", "N", make, counts, key, note, spacing, tags)
 
 
 def _diffrax_solve(problem, eps_fn, variable, solver, controller_fn, adjoint, max_steps):
@@ -161,7 +224,7 @@ def _diffrax_solve(problem, eps_fn, variable, solver, controller_fn, adjoint, ma
     return x0_fn
 
 
-def diffrax_adaptive(name, variable, adjoint_name, max_steps=4096):
+def diffrax_adaptive(name, variable, adjoint_name, max_steps=4096, tags=()):
     adjoint = (
         dfx.BacksolveAdjoint() if adjoint_name == "backsolve" else dfx.RecursiveCheckpointAdjoint()
     )
@@ -193,10 +256,11 @@ def diffrax_adaptive(name, variable, adjoint_name, max_steps=4096):
         None,
         f"diffrax Tsit5 {variable}",
         "Tsit5 + PIDController(rtol=atol=tol); evaluations and VJPs counted by instrumentation",
+        tags=frozenset({"diffrax", "adaptive", "tsit5", variable, adjoint_name, *tags}),
     )
 
 
-def diffrax_fixed(name, variable, solver, stages):
+def diffrax_fixed(name, variable, solver, stages, tags=()):
     def make(problem, eps_fn=None, xT_only=False):
         eps_fn = problem.eps_fn if eps_fn is None else eps_fn
         sch = problem.schedule
@@ -220,10 +284,13 @@ def diffrax_fixed(name, variable, solver, stages):
         None,
         f"diffrax {type(solver).__name__} {variable}",
         f"{type(solver).__name__} on the log-SNR grid (StepTo), RecursiveCheckpointAdjoint",
+        tags=frozenset(
+            {"diffrax", "fixed", "recursive", type(solver).__name__.lower(), variable, *tags}
+        ),
     )
 
 
-def scan_dpmpp2m(name, checkpoint):
+def scan_dpmpp2m(name, checkpoint, tags=()):
     """A hand-written DPM-Solver++(2M) (first step order 1) in lax.scan, plain reverse mode."""
 
     def make(problem, eps_fn=None, xT_only=False):
@@ -266,10 +333,28 @@ def scan_dpmpp2m(name, checkpoint):
         if checkpoint
         else "plain jax.grad through lax.scan: stores every step's activations"
     )
-    return Method(name, "scan", "N", make, counts, "scan DPM++(2M)", note)
+    tags = frozenset(
+        {"scan", "fixed", "dpmpp2", "logsnr", "checkpoint" if checkpoint else "plain", *tags}
+    )
+    return Method(name, "scan", "N", make, counts, "scan DPM++(2M)", note, tags=tags)
 
 
 def all_methods() -> list[Method]:
+    """Every method, with its tags (the role tags decide which job runs it, see above)."""
+    deis_roles = {  # (order, trajectory) -> role tags
+        (1, "reconstruct"): ("memory",),
+        (2, "cached"): ("gaussian", "memory"),
+        (2, "reconstruct"): (
+            "quick",
+            "gaussian",
+            "compile-quick",
+            "memory",
+            "memory-quick",
+            "e2e-quick",
+        ),
+        (3, "cached"): ("quick", "e2e"),
+        (3, "reconstruct"): ("memory",),
+    }
     ms = []
     for k in (1, 2, 3):
         for mode in ("cached", "reconstruct"):
@@ -280,8 +365,22 @@ def all_methods() -> list[Method]:
                     jadeis.AdjointDEIS(order=k, trajectory=mode),
                     lambda n: (2 * n, n),
                     f"sampler DPMSolver({k}); one VJP per step (its primal reused)",
+                    tags=("adjointdeis", f"dpm{k}", mode, *deis_roles.get((k, mode), ())),
                 )
             )
+    # DiscreteAdjoint (2M) is within noise of, or slower than, the (3M) form: redundant
+    discrete_roles = {
+        2: ("redundant",),
+        3: (
+            "quick",
+            "gaussian",
+            "compile-quick",
+            "memory",
+            "memory-quick",
+            "e2e",
+            "e2e-quick",
+        ),
+    }
     for k in (2, 3):
         ms.append(
             jadeis_method(
@@ -290,6 +389,7 @@ def all_methods() -> list[Method]:
                 jadeis.DiscreteAdjoint(),
                 lambda n: (2 * n, n),
                 "exact gradient of the sampler; stores states, rematerialises each step",
+                tags=("discrete", f"dpmpp{k}", *discrete_roles[k]),
             )
         )
     for spacing in ("karras", "quadratic"):
@@ -301,6 +401,7 @@ def all_methods() -> list[Method]:
                 lambda n: (2 * n, n),
                 f"as DiscreteAdjoint DPM++(3M), on time_grid(..., spacing={spacing!r})",
                 spacing=spacing,
+                tags=("discrete", "dpmpp3", "grid", *(("e2e",) if spacing == "karras" else ())),
             )
         )
     ms.append(
@@ -310,6 +411,7 @@ def all_methods() -> list[Method]:
             jadeis.Backprop(),
             lambda n: (n, n),
             "jax.grad through the sampler's scan",
+            tags=("backprop", "dpmpp3", "quick", "memory", "memory-quick", "e2e"),
         )
     )
     ms.append(
@@ -319,17 +421,47 @@ def all_methods() -> list[Method]:
             jadeis.Backprop(),
             lambda n: (n, n),
             "jax.grad through the sampler's scan",
+            tags=("backprop", "dpm2", "redundant"),  # slower than Backprop DPM++(3M)
         )
     )
+    adaptive_roles = {
+        ("t", "backsolve"): ("quick", "e2e"),
+        ("t", "recursive"): ("quick", "e2e", "e2e-quick"),
+        ("rho", "recursive"): ("gaussian",),
+    }
     for var in ("t", "rho"):
-        ms.append(diffrax_adaptive(f"diffrax Tsit5 Backsolve ({var})", var, "backsolve"))
-        ms.append(diffrax_adaptive(f"diffrax Tsit5 RecursiveCheckpoint ({var})", var, "recursive"))
+        for adj, label in (("backsolve", "Backsolve"), ("recursive", "RecursiveCheckpoint")):
+            ms.append(
+                diffrax_adaptive(
+                    f"diffrax Tsit5 {label} ({var})",
+                    var,
+                    adj,
+                    tags=adaptive_roles.get((var, adj), ()),
+                )
+            )
     for var in ("t", "rho"):
-        ms.append(diffrax_fixed(f"diffrax Euler ({var})", var, dfx.Euler(), 1))
-        ms.append(diffrax_fixed(f"diffrax Heun ({var})", var, dfx.Heun(), 2))
-    ms.append(scan_dpmpp2m("scan DPM++(2M)", checkpoint=False))
-    ms.append(scan_dpmpp2m("scan DPM++(2M) + checkpoint", checkpoint=True))
+        # Euler in t is first order: it never reaches 1e-2
+        euler_roles = ("redundant",) if var == "t" else ()
+        ms.append(diffrax_fixed(f"diffrax Euler ({var})", var, dfx.Euler(), 1, tags=euler_roles))
+        heun_roles = ("quick", "compile-quick", "memory") if var == "rho" else ()
+        ms.append(diffrax_fixed(f"diffrax Heun ({var})", var, dfx.Heun(), 2, tags=heun_roles))
+    ms.append(scan_dpmpp2m("scan DPM++(2M)", checkpoint=False, tags=("memory",)))
+    ms.append(
+        scan_dpmpp2m(
+            "scan DPM++(2M) + checkpoint",
+            checkpoint=True,
+            tags=("quick", "gaussian", "memory", "memory-quick", "e2e"),
+        )
+    )
     return ms
+
+
+def by_tags(spec) -> Method:
+    """The one method matching ``spec`` (raises unless exactly one does)."""
+    found = select(all_methods(), spec)
+    if len(found) != 1:
+        raise ValueError(f"{spec!r} selects {[m.name for m in found]}, not exactly one method")
+    return found[0]
 
 
 # ----------------------------------------------------------------------------------------

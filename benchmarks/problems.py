@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import common as C
 import jadeis
 
 CACHE = Path(__file__).resolve().parent / ".cache"
@@ -184,33 +185,15 @@ def mixture_problem(
 # 3. A small trained network
 
 
-def _time_features(schedule, t, dtype):
-    lam = schedule.log_snr(t).astype(dtype) / 4.0
-    freqs = jnp.arange(1, 5, dtype=dtype)
-    return jnp.concatenate([lam[None], jnp.sin(freqs * lam), jnp.cos(freqs * lam)])
+MLP_FREQS = (1.0, 2.0, 3.0, 4.0)  # fixed: time features [lam/4, sin(k lam/4), cos(k lam/4)]
 
 
-def mlp_apply(schedule, params, x, t, z):
-    """eps(x, t, z): an MLP on [x, time features, z] with SiLU, output of x's shape."""
-    b = x.shape[0]
-    tf = jnp.broadcast_to(_time_features(schedule, t, x.dtype), (b, 9))
-    h = jnp.concatenate([x, tf, z], axis=-1)
-    layers = params["layers"]
-    for i, (w, bias) in enumerate(layers):
-        h = h @ w + bias
-        if i < len(layers) - 1:
-            h = jax.nn.silu(h)
-    return h
-
-
-def _init_mlp(key, sizes):
-    layers = []
-    for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:])):
-        k = jax.random.fold_in(key, i)
-        layers.append(
-            (jax.random.normal(k, (m, n), jnp.float32) / np.sqrt(m), jnp.zeros((n,), jnp.float32))
-        )
-    return {"layers": layers}
+def mlp_eps_for(schedule):
+    """eps(params, x, t, z) of the trained MLP (``common.mlp_eps_fn``): an MLP on
+    [x, time features of log-SNR(t)/4, z] with SiLU, output of x's shape."""
+    return C.mlp_eps_fn(
+        time_map=lambda t: schedule.log_snr(t) / 4.0, freqs=MLP_FREQS, raw_time=True
+    )
 
 
 def train_mlp(
@@ -234,7 +217,8 @@ def train_mlp(
             {"train_seconds": float(data["seconds"]), "cached": True},
         )
     log(f"  training the benchmark MLP ({steps} Adam steps, cached at {path.name}) ...")
-    params = _init_mlp(jax.random.fold_in(key, 1), sizes)
+    params = C.init_mlp(jax.random.fold_in(key, 1), sizes)
+    mlp = mlp_eps_for(sch)
     opt = optax.adam(optax.cosine_decay_schedule(2e-3, steps, alpha=0.05))
     state = opt.init(params)
     means_j = jnp.asarray(means)
@@ -249,7 +233,7 @@ def train_mlp(
         s = sch.sigma(t)[:, None].astype(jnp.float32)
         xt = a * x0 + s * e
         zc = jax.nn.one_hot(c, components, dtype=jnp.float32)
-        pred = jax.vmap(lambda xx, tt, zz: mlp_apply(sch, p, xx[None], tt, zz[None])[0])(xt, t, zc)
+        pred = jax.vmap(lambda xx, tt, zz: mlp(p, xx[None], tt, zz[None])[0])(xt, t, zc)
         return jnp.mean((pred - e) ** 2)
 
     @jax.jit
@@ -285,9 +269,7 @@ def mlp_problem(batch: int = 64, seed: int = 2, log=print) -> Problem:
     z = jax.nn.one_hot(jnp.arange(batch) % components, components, dtype=jnp.float64)
     target = jax.random.normal(k3, (batch, dim), jnp.float64)
 
-    def eps_fn(p, x, t, z):
-        return mlp_apply(sch, p, x, t, z)
-
+    eps_fn = mlp_eps_for(sch)
     n_params = sum(int(np.size(v)) for v in jax.tree.leaves(params))
     return Problem(
         name="mlp",

@@ -1,7 +1,6 @@
 """The bundled digits models, their weights files, and the morphing pipeline."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,8 @@ from jadeis.digits import (
     slerp,
 )
 from jadeis.digits._train import pair_scores
+
+from ._shared import run_on_cpu_devices
 
 WEIGHTS = digits.default_weights_dir()
 
@@ -217,14 +218,7 @@ print(json.dumps(out))
 
 def test_sharded_morphs_match_one_device():
     """A batch of morphs split over 4 (emulated CPU) devices gives the single-device result."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    out = subprocess.run(
-        [sys.executable, "-c", SHARD_SCRIPT],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=Path(__file__).parent,
-    )
+    out = run_on_cpu_devices(SHARD_SCRIPT, n=4, timeout=600, cwd=Path(__file__).parent)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     for (m4, acc4, l4, dev4), (m1, acc1, l1, dev1) in zip(res["True"], res["False"]):

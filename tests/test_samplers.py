@@ -20,6 +20,15 @@ import pytest
 
 import jadeis
 
+from ._shared import (
+    B0,
+    B1,
+    np_alpha,
+    np_gaussian_data,
+    np_gaussian_eps,
+    np_lambda,
+    np_sigma,
+)
 from .helpers import GaussianOracle, fitted_order, tree_allclose
 
 MU = jnp.asarray(0.7)
@@ -160,33 +169,15 @@ def test_first_order_solvers_are_the_same_map():
 # first steps of DPM-Solver++(2M) and DPM-Solver-2M by hand (SPEC section 3), in numpy,
 # with VPLinear and the Gaussian oracle written out independently of the library.
 
-B0, B1 = 0.1, 20.0
 MU_F, S2_F = 0.7, 0.09
 
 
-def np_log_alpha(t):
-    return -(B1 - B0) * t**2 / 4 - B0 * t / 2
-
-
-def np_alpha(t):
-    return np.exp(np_log_alpha(t))
-
-
-def np_sigma(t):
-    return np.sqrt(-np.expm1(2 * np_log_alpha(t)))
-
-
-def np_lambda(t):
-    return np_log_alpha(t) - np.log(np_sigma(t))
-
-
 def np_eps(x, t):
-    a, s = np_alpha(t), np_sigma(t)
-    return s * (x - a * MU_F) / (a * a * S2_F + s * s)
+    return np_gaussian_eps(x, t, MU_F, S2_F)
 
 
 def np_data(x, t):
-    return (x - np_sigma(t) * np_eps(x, t)) / np_alpha(t)
+    return np_gaussian_data(x, t, MU_F, S2_F)
 
 
 def pp_step(x_s, s, t, d_s, d_prev=None, h_prev=None, form="phi"):
@@ -241,16 +232,9 @@ def test_dpmpp_2m_first_steps_by_hand():
     oracle = ORACLES["VPLinear"]
     n = 20
     ts = jadeis.time_grid(VPLIN, n)
-    x0, traj = jadeis.sample(
-        oracle.eps_fn,
-        S2,
-        X_T,
-        MU,
-        schedule=VPLIN,
-        ts=ts,
-        solver=jadeis.DPMSolverPP(order=2),
-        return_trajectory=True,
-    )
+    kw = dict(schedule=VPLIN, ts=ts, solver=jadeis.DPMSolverPP(order=2))
+    traj = jadeis.sample_trajectory(oracle.eps_fn, S2, X_T, MU, **kw)
+    x0 = jadeis.sample(oracle.eps_fn, S2, X_T, MU, **kw)
     assert traj.shape == (n + 1,) + X_T.shape
     np.testing.assert_array_equal(np.asarray(traj[0]), np.asarray(X_T))
     np.testing.assert_array_equal(np.asarray(traj[-1]), np.asarray(x0))
@@ -300,15 +284,8 @@ def test_dpm_solver_2m_first_steps_by_hand():
     oracle = ORACLES["VPLinear"]
     n = 20
     ts = jadeis.time_grid(VPLIN, n)
-    _, traj = jadeis.sample(
-        oracle.eps_fn,
-        S2,
-        X_T,
-        MU,
-        schedule=VPLIN,
-        ts=ts,
-        solver=jadeis.DPMSolver(order=2),
-        return_trajectory=True,
+    traj = jadeis.sample_trajectory(
+        oracle.eps_fn, S2, X_T, MU, schedule=VPLIN, ts=ts, solver=jadeis.DPMSolver(order=2)
     )
     ref = np_multistep(np.asarray(X_T), np.asarray(ts), [1] + [2] * (n - 1), kind="eps")
     np.testing.assert_allclose(np.asarray(traj)[:4], ref[:4], rtol=1e-12, atol=1e-14)
@@ -323,16 +300,9 @@ def test_lower_order_final_on_short_grid():
 
     def traj_of(solver):
         return np.asarray(
-            jadeis.sample(
-                oracle.eps_fn,
-                S2,
-                X_T,
-                MU,
-                schedule=VPLIN,
-                ts=ts,
-                solver=solver,
-                return_trajectory=True,
-            )[1]
+            jadeis.sample_trajectory(
+                oracle.eps_fn, S2, X_T, MU, schedule=VPLIN, ts=ts, solver=solver
+            )
         )
 
     # DPM-Solver++(2M): the final step of a grid shorter than 15 steps is first order
@@ -430,16 +400,10 @@ def test_float32_preserves_dtype_and_is_close_to_float64(ts_dtype):
     ts = jadeis.time_grid(VPLIN, 64, dtype=ts_dtype)
     x64 = jadeis.sample(oracle.eps_fn, S2, X_T, MU, schedule=VPLIN, ts=ts64, solver=solver)
     f32 = jnp.float32
-    x32, traj = jadeis.sample(
-        oracle.eps_fn,
-        S2.astype(f32),
-        X_T.astype(f32),
-        MU.astype(f32),
-        schedule=VPLIN,
-        ts=ts,
-        solver=solver,
-        return_trajectory=True,
-    )
+    args32 = (S2.astype(f32), X_T.astype(f32), MU.astype(f32))
+    kw = dict(schedule=VPLIN, ts=ts, solver=solver)
+    x32 = jadeis.sample(oracle.eps_fn, *args32, **kw)
+    traj = jadeis.sample_trajectory(oracle.eps_fn, *args32, **kw)
     assert x32.dtype == jnp.float32 and traj.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(traj)))
     np.testing.assert_allclose(np.asarray(x32, np.float64), np.asarray(x64), rtol=1e-4, atol=1e-5)

@@ -22,6 +22,7 @@ import pytest
 
 import jadeis
 
+from ._shared import np_alpha, np_lambda, np_sigma
 from .helpers import SDE_SOLVERS, GaussianOracle
 
 SCH = jadeis.VPLinear()
@@ -30,25 +31,6 @@ MU_F, S2_F = 0.7, 0.09
 MU, S2 = jnp.asarray(MU_F), jnp.asarray(S2_F)
 SDE_IDS = ["SDEDPMSolver", "SDEDPMSolverPP1", "SDEDPMSolverPP2"]
 KINDS = dict(zip(SDE_IDS, ["eps1", "data1", "data2"]))
-
-# independent VPLinear (beta 0.1 .. 20) and Gaussian-data eps, in numpy
-B0, B1 = 0.1, 20.0
-
-
-def np_log_alpha(t):
-    return -(B1 - B0) * t**2 / 4 - B0 * t / 2
-
-
-def np_alpha(t):
-    return np.exp(np_log_alpha(t))
-
-
-def np_sigma(t):
-    return np.sqrt(-np.expm1(2 * np_log_alpha(t)))
-
-
-def np_lambda(t):
-    return np_log_alpha(t) - np.log(np_sigma(t))
 
 
 def chain_moments(ts, kind, m0=0.0, v0=1.0):

@@ -1,0 +1,1 @@
+"""The jobs of ``benchmarks/run.py``, one module each."""

@@ -1,0 +1,349 @@
+"""Job ``report``: the Markdown summary (``summary.md``) and the plots (``pareto_*.png``,
+``evals_*.png``, ``memory_vs_steps.png``) from the rows of the other jobs, or, with
+``run.py --summarize FOLDER``, from the CSV files of a finished run."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+import common as C
+
+log = C.log
+read_csv = C.read_csv
+TARGET_EPS = (1e-2, 1e-3)  # the gradient errors of the headline table
+
+
+def time_at(rs, eps):
+    """Wall time at which one method's error-vs-time front first reaches ``eps``.
+
+    Log-log interpolation between the last front point above ``eps`` and the first at or
+    below it (the step counts and tolerances are a factor ~2-10 apart). Returns
+    ``(seconds, first row reaching eps)`` or None."""
+    pts = sorted(rs, key=lambda r: r["t_grad_s"])
+    front, best = [], float("inf")
+    for r in pts:
+        if r["err_grad"] < best:
+            front.append(r)
+            best = r["err_grad"]
+    for i, r in enumerate(front):
+        if r["err_grad"] <= eps:
+            if i == 0:
+                return r["t_grad_s"], r
+            q = front[i - 1]
+            le, l0, l1 = math.log(eps), math.log(q["err_grad"]), math.log(r["err_grad"])
+            w = (le - l0) / (l1 - l0)
+            t = math.exp((1 - w) * math.log(q["t_grad_s"]) + w * math.log(r["t_grad_s"]))
+            return t, r
+    return None
+
+
+def best_time(rows, family, eps, problem):
+    """The method of ``family`` with the smallest interpolated time to gradient error ``eps``."""
+    best = None
+    names = sorted({r["method"] for r in rows if r["family"] == family and r["problem"] == problem})
+    for name in names:
+        rs = [r for r in rows if r["method"] == name and r["problem"] == problem]
+        got = time_at(rs, eps)
+        if got is not None and (best is None or got[0] < best[0]):
+            best = got
+    return best
+
+
+def fmt_cfg(got):
+    if got is None:
+        return "not reached"
+    t, r = got
+    s = f"N={r['setting']}" if r["variable"] == "N" else f"tol={r['setting']:g}, {r['steps']} steps"
+    return f"{t * 1e3:.1f} ms ({r['method']}; {s})"
+
+
+def headline(rows, problems):
+    lines = [
+        "| problem | grad. error | jadeis best | diffrax best | hand-written scan best "
+        "| jadeis / diffrax |",
+        "|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for p in problems:
+        for eps in TARGET_EPS:
+            j = best_time(rows, "jadeis", eps, p)
+            d = best_time(rows, "diffrax", eps, p)
+            s = best_time(rows, "scan", eps, p)
+            ratio = j[0] / d[0] if (j and d) else float("nan")
+            rtxt = "n/a" if math.isnan(ratio) else f"{ratio:.2f}"
+            lines.append(f"| {p} | {eps:g} | {fmt_cfg(j)} | {fmt_cfg(d)} | {fmt_cfg(s)} | {rtxt} |")
+            verdicts.append((p, eps, ratio))
+    return "\n".join(lines), verdicts
+
+
+def method_table(rows, problem):
+    """Per method: the cheapest configuration reaching each target, and the error at fixed cost."""
+    lines = [
+        "| method | time to grad err 1e-2 | evals / VJPs | time to 1e-3 | evals / VJPs "
+        "| grad/fwd time | us per model call | compile (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    names = []
+    for r in rows:
+        if r["problem"] == problem and r["method"] not in names:
+            names.append(r["method"])
+    for name in names:
+        rs = [r for r in rows if r["problem"] == problem and r["method"] == name]
+        cells = []
+        for eps in TARGET_EPS:
+            got = time_at(rs, eps)
+            if got is not None:
+                t, b = got
+                sv = f"N={b['setting']}" if b["variable"] == "N" else f"tol={b['setting']:g}"
+                cells.append(f"{t * 1e3:.1f} ms (reached at {sv})")
+                cells.append(f"{b['evals']} / {b['vjps']}")
+            else:
+                best = min(rs, key=lambda r: r["err_grad"])
+                cells.append(f"not reached (best {best['err_grad']:.1e})")
+                cells.append("")
+        ratios = [r["grad_over_fwd"] for r in rs if not math.isnan(r["grad_over_fwd"])]
+        ratio = statistics.median(ratios) if ratios else float("nan")
+        comp = statistics.median(r["compile_grad_s"] for r in rs if r["compile_grad_s"] > 0)
+        per_call = statistics.median(r["t_grad_s"] / (r["evals"] + r["vjps"]) * 1e6 for r in rs)
+        lines.append(
+            f"| {name} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | {ratio:.2f} "
+            f"| {per_call:.0f} | {comp:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plots(rows, mem_rows, out: Path, problems):
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    styles = {"jadeis": "-", "diffrax": "--", "scan": ":"}
+    for p in problems:
+        rs = [r for r in rows if r["problem"] == p]
+        names = []
+        for r in rs:
+            if r["method"] not in names:
+                names.append(r["method"])
+        for xkey, xlabel, fname in (
+            ("t_grad_s", "wall time per gradient (s)", f"pareto_{p}.png"),
+            ("evals", "model evaluations per gradient (incl. those inside VJPs)", f"evals_{p}.png"),
+        ):
+            fig, ax = plt.subplots(figsize=(9, 6))
+            fam = {n: next(r["family"] for r in rs if r["method"] == n) for n in names}
+            maps = {"jadeis": "Blues", "diffrax": "Oranges", "scan": "Greens"}
+            colour = {}
+            for f, cm in maps.items():
+                members = [n for n in names if fam[n] == f]
+                for j, n in enumerate(members):
+                    colour[n] = plt.get_cmap(cm)(0.45 + 0.55 * j / max(1, len(members) - 1))
+            for name in names:
+                m = sorted((r for r in rs if r["method"] == name), key=lambda r: r[xkey])
+                xs = [r[xkey] for r in m]
+                ys = [max(r["err_grad"], 1e-16) for r in m]
+                if xkey == "t_grad_s":  # Pareto front: best error reached at each cost
+                    front = np.minimum.accumulate(ys)
+                    ax.plot(xs, front, styles[fam[name]], color=colour[name], label=name, lw=1.6)
+                    ax.plot(xs, ys, ".", color=colour[name], ms=4)
+                else:
+                    ax.plot(xs, ys, styles[fam[name]], marker=".", color=colour[name], label=name)
+            for eps in TARGET_EPS:
+                ax.axhline(eps, color="grey", lw=0.6)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_ylim(top=10.0)  # AdjointDEIS at small N reaches 1e6: clip to keep detail
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("relative error of the gradient (max over dL/dx_T, dL/dz, dL/dparams)")
+            ax.set_title(f"{p}: solid = jadeis, dashed = diffrax, dotted = hand-written scan")
+            ax.legend(fontsize=7, ncol=2)
+            fig.tight_layout()
+            fig.savefig(out / fname, dpi=110)
+            plt.close(fig)
+    if mem_rows:
+        fig, ax = plt.subplots(figsize=(8, 5.5))
+        names = []
+        for r in mem_rows:
+            if r["method"] not in names:
+                names.append(r["method"])
+        for name in names:
+            m = [r for r in mem_rows if r["method"] == name]
+            ax.plot(
+                [r["N"] for r in m],
+                [r["temp_bytes_grad"] / 2**20 for r in m],
+                marker="o",
+                label=name,
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("steps N")
+        ax.set_ylabel("compiled temp memory of one gradient (MiB)")
+        ax.set_title("memory vs N (XLA memory_analysis, MLP, batch 512)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "memory_vs_steps.png", dpi=110)
+        plt.close(fig)
+
+
+def load_sweep(out: Path) -> list[dict]:
+    """The rows of ``sweep.csv`` in ``out`` (N settings as int), or none."""
+    rows = read_csv(out / "sweep.csv")
+    for r in rows:
+        r["setting"] = r["setting"] if r["variable"] == "tol" else int(r["setting"])
+    return rows
+
+
+def load_references(out: Path) -> list[dict]:
+    """The rows of ``references.csv`` in ``out`` (older files: missing columns filled)."""
+    ref_rows = read_csv(out / "references.csv")
+    for c in ref_rows:  # files of older runs lack these columns
+        c.setdefault("stiff", c["problem"] != "gaussian")
+        c.setdefault("description", c["problem"])
+    return ref_rows
+
+
+def summarize(out: Path):
+    """Rebuild plots and summary.md from the CSV files of a finished run."""
+    info = json.loads((out / "machine.json").read_text())
+    rows = load_sweep(out)
+    mem_rows = read_csv(out / "memory.csv")
+    e2e_rows = read_csv(out / "e2e.csv")
+    ref_rows = load_references(out)
+    compile_rows = read_csv(out / "compile.csv")
+    plots(rows, mem_rows, out, [c["problem"] for c in ref_rows])
+    write_summary(out, info, rows, mem_rows, e2e_rows, ref_rows, compile_rows)
+    log(f"rebuilt {out / 'summary.md'}")
+
+
+def write_summary(out, info, rows, mem_rows, e2e_rows, ref_rows, compile_rows=()):
+    stiff = [p["problem"] for p in ref_rows if p["stiff"] in (True, "True")]
+    head, verdicts = headline(rows, stiff)
+    md = [
+        "# Benchmark results (generated by benchmarks/run.py)",
+        "",
+        f"Machine: {info['cpu']}, {info['cpu_count']} cores (shared), {info['jax_backend']}; "
+        f"jax {info['jax']}, diffrax {info['diffrax']}, equinox {info['equinox']}, "
+        f"optax {info['optax']}; float64; {info['mode']} run of {info['date_utc']} UTC, "
+        f"{info['total_seconds']:.0f} s; load average {info['load_average_at_start']} -> "
+        f"{info['load_average_at_end']}. Times are medians of {info['repeats']} repeats after "
+        f"warm-up (compile time separate).",
+        "",
+        "## Headline: wall time per gradient at equal gradient accuracy",
+        "",
+        head,
+        "",
+        "Target: jadeis / diffrax <= 0.33. "
+        + "; ".join(
+            f"{p} @ {e:g}: {'met' if r <= 1 / 3 else 'NOT met'} ({r:.2f})"
+            if not math.isnan(r)
+            else f"{p} @ {e:g}: n/a"
+            for p, e, r in verdicts
+        ),
+        "",
+        "## References",
+        "",
+        "| problem | reference | rel. diff. x0 | rel. diff. grads |",
+        "|---|---|---|---|",
+    ]
+    for c in ref_rows:
+        md.append(
+            f"| {c['problem']} | {c.get('method', '')} | {float(c.get('x0', 0)):.1e} "
+            f"| {float(c.get('grad', 0)):.1e} |"
+        )
+    for c in ref_rows:
+        name = c["problem"]
+        md += ["", f"## {name}: {c['description']}", "", method_table(rows, name), ""]
+        md.append(f"![pareto](pareto_{name}.png) ![evals](evals_{name}.png)")
+    # gradient / forward time ratio of jadeis methods
+    md += ["", "## Gradient time / forward time (jadeis, same N)", ""]
+    md += [
+        "Target <= 3.5. Forward = `jadeis.sample` with the same sampler and N, no gradient; "
+        "the gradient is with respect to x_T, z and params together.",
+        "",
+        "| method | median | max | problems | target <= 3.5 (median) "
+        "| dL/dx_T only, N=64: median (max) |",
+        "|---|---|---|---|---|---|",
+    ]
+    jnames = []
+    for r in rows:
+        if r["family"] == "jadeis" and r["method"] not in jnames:
+            jnames.append(r["method"])
+    for name in jnames:
+        rs = [
+            r["grad_over_fwd"]
+            for r in rows
+            if r["method"] == name
+            and r["problem"] != "gaussian"
+            and not math.isnan(r["grad_over_fwd"])
+        ]
+        xs = [
+            r.get("grad_xT_over_fwd", float("nan"))
+            for r in rows
+            if r["method"] == name and r["problem"] != "gaussian"
+        ]
+        xs = [v for v in xs if isinstance(v, float) and not math.isnan(v)]
+        xtxt = f"{statistics.median(xs):.2f} ({max(xs):.2f})" if xs else "n/a"
+        if rs:
+            med = statistics.median(rs)
+            md.append(
+                f"| {name} | {med:.2f} | {max(rs):.2f} | all but gaussian "
+                f"| {'met' if med <= 3.5 else 'NOT met'} | {xtxt} |"
+            )
+    if compile_rows:
+        md += ["", "## Cold compile times (mlp problem, persistent cache off)", ""]
+        md += ["| method | setting | gradient (s) | of which tracing (s) | forward (s) |"]
+        md += ["|---|---|---|---|---|"]
+        for r in compile_rows:
+            md.append(
+                f"| {r['method']} | {r['setting']} | {r['grad_total_s']:.2f} | "
+                f"{r['trace_lower_s']:.2f} | {r['fwd_total_s']:.2f} |"
+            )
+    if mem_rows:
+        md += ["", "## Memory vs N (compiled temp bytes of one gradient, MLP batch 512)", ""]
+        ns = sorted({r["N"] for r in mem_rows})
+        md.append("| method | " + " | ".join(f"N={n}" for n in ns) + " | N=max / N=min |")
+        md.append("|---|" + "---|" * (len(ns) + 1))
+        names = []
+        for r in mem_rows:
+            if r["method"] not in names:
+                names.append(r["method"])
+        for name in names:
+            m = {r["N"]: r["temp_bytes_grad"] for r in mem_rows if r["method"] == name}
+            cells = " | ".join(f"{m[n] / 2**20:.2f} MiB" for n in ns)
+            md.append(f"| {name} | {cells} | {m[ns[-1]] / m[ns[0]]:.2f} |")
+        xb = mem_rows[0]["x_bytes"]
+        md.append("")
+        md.append(f"|x| = {xb / 2**20:.3f} MiB. ![memory](memory_vs_steps.png)")
+        md.append("")
+        for name in names:
+            m = {r["N"]: r["temp_bytes_grad"] for r in mem_rows if r["method"] == name}
+            slope = (m[ns[-1]] - m[ns[0]]) / ((ns[-1] - ns[0]) * xb)
+            line = f"- {name}: growth {slope:.2f} |x| per step"
+            if "reconstruct" in name:
+                ok = m[ns[-1]] / m[ns[0]] <= 1.2
+                line += f"; target flat within 1.2x: {'met' if ok else 'NOT met'}"
+            md.append(line)
+    if e2e_rows:
+        md += ["", "## End to end: Adam over x_T to a guidance loss threshold (mlp)", ""]
+        md.append(
+            "| method | setting | grad err of config | iterations | time to threshold (s) | "
+            "true final loss |"
+        )
+        md.append("|---|---|---|---|---|---|")
+        for r in e2e_rows:
+            tt = r["time_to_threshold_s"]
+            ttxt = "not reached" if math.isnan(tt) else f"{tt:.2f}"
+            md.append(
+                f"| {r['method']} | {r['variable']}={r['setting']:g} "
+                f"| {r['grad_err_of_config']:.1e} | {r['iterations']} | {ttxt} "
+                f"| {r['true_final_loss']:.3g} |"
+            )
+        md.append(
+            f"\nStart loss {e2e_rows[0]['loss0']:.3g}, threshold {e2e_rows[0]['threshold']:.3g} "
+            "(each method's own loss); true loss from a DPM-Solver++(3) N=1000 solve."
+        )
+    (out / "summary.md").write_text("\n".join(md) + "\n")

@@ -1,0 +1,177 @@
+"""Job ``sweep``: gradient error, wall time, forward time, evaluation/VJP counts and
+compiled memory of every selected method over step counts N (fixed grids) or tolerances
+(adaptive), on each problem. Writes ``sweep.csv`` and ``references.csv`` (via run.py)."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+import common as C
+import jadeis
+import methods as M
+import problems as P
+
+log = C.log
+
+FWD_NS = (64, 256)  # forward sampling is timed at these N (and at every tolerance)
+XT_ONLY_AT = (64, 1e-5)  # settings at which the dL/dx_T-only gradient is timed too
+STOP_ERR = 2e-4  # a method's sweep stops once its gradient error is below this
+
+
+def methods_for(problem_name, all_ms, *, quick, selector=None):
+    """The methods swept on one problem: ``selector`` (tags) if given; else quick: the
+    "quick" ones; digits: "quick" and "grid"; otherwise all. Gaussian: only "gaussian"."""
+    if selector is not None:
+        ms = M.select(all_ms, selector)
+    elif quick:
+        ms = M.select(all_ms, "quick")
+    elif problem_name == "digits":
+        ms = M.select(all_ms, "quick,grid")
+    else:
+        ms = list(all_ms)
+    if problem_name == "gaussian" and selector is None:
+        # a sanity check of the convergence against the closed form
+        ms = M.select(ms, "gaussian") if ms else ms
+    return ms
+
+
+def reference_rows(problems):
+    return [
+        {
+            "problem": p.name,
+            "description": p.description,
+            "stiff": p.stiff,
+            **(p.reference_check or {}),
+            **p.info,
+        }
+        for p in problems
+    ]
+
+
+def settings_for(method, quick: bool):
+    if method.variable == "tol":
+        return [1e-3, 1e-5] if quick else [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7]
+    if quick:
+        return [16, 64, 256]
+    return [16, 32, 64, 128, 256, 512]
+
+
+def count_diffrax(problem, method, extra):
+    counter = M.Counter()
+    _, grad = method.make(problem, M.counting_eps_fn(problem.eps_fn, counter))
+    out = jax.jit(grad)(problem.x_T, problem.z, problem.params, extra)
+    jax.block_until_ready(out)
+    jax.effects_barrier()
+    return counter.evals, counter.vjps
+
+
+def sweep_problem(problem, ms, *, quick, reps, time_budget_s):
+    rows = []
+    fwd_cache = {}
+    per_step_counts = {}
+    ref = problem.reference
+    args0 = (problem.x_T, problem.z, problem.params)
+    for method in ms:
+        fwd, grad = method.make(problem)
+        run_time = 0.0  # seconds spent running (compilation excluded) for the budget
+        compiled_grad = None
+        compiled_fwd = None
+        compiled_gx = None
+        for setting in settings_for(method, quick):
+            if method.variable == "N":
+                extra = jadeis.time_grid(
+                    problem.schedule, setting, method.spacing, dtype=jnp.float64
+                )
+            else:
+                extra = jnp.asarray(setting, jnp.float64)
+            args = args0 + (extra,)
+            if method.variable == "N" or compiled_grad is None:
+                compiled_grad, c_grad, temp = C.compile_timed(grad, args)
+            else:
+                c_grad = 0.0  # one compilation serves every tolerance
+            t_run = time.perf_counter()
+            try:
+                x0, gx, gz, gp, steps = compiled_grad(*args)
+                jax.block_until_ready(x0)
+            except Exception as e:  # noqa: BLE001 - e.g. diffrax max_steps reached
+                log(f"    {method.name} {setting}: failed ({type(e).__name__}: {str(e)[:80]})")
+                continue
+            errs = {
+                "err_x0": P.rel_err(x0, ref["x0"]),
+                "err_xT": P.rel_err(gx, ref["x_T"]),
+                "err_z": P.rel_err(gz, ref["z"]),
+                "err_params": P.rel_err(gp, ref["params"]),
+            }
+            errs["err_grad"] = max(errs["err_xT"], errs["err_z"], errs["err_params"])
+            t_grad, t_grad_min = C.time_call(compiled_grad, args, reps, with_min=True)
+            run_time += time.perf_counter() - t_run
+            # forward sampling time (shared by methods with the same sampler and setting)
+            fkey = (method.forward_key, float(setting))
+            if fkey not in fwd_cache and (method.variable == "tol" or setting in FWD_NS):
+                if method.variable == "N" or compiled_fwd is None:
+                    compiled_fwd, _, temp_fwd = C.compile_timed(fwd, args)
+                fwd_cache[fkey] = (C.time_call(compiled_fwd, args, reps), temp_fwd)
+            t_fwd, temp_fwd = fwd_cache.get(fkey, (float("nan"), -1))
+            t_grad_xT = float("nan")
+            if setting in XT_ONLY_AT:  # the guidance case: only dL/dx_T
+                _, grad_x = method.make(problem, xT_only=True)
+                if method.variable == "N" or compiled_gx is None:
+                    compiled_gx = C.compile_timed(grad_x, args)[0]
+                t_grad_xT = C.time_call(compiled_gx, args, reps)
+            n_steps = int(steps)
+            if method.counts is not None:
+                evals, vjps = method.counts(n_steps)
+                counted = "analytic"
+            elif method.variable == "N":
+                # fixed grid: counts are linear in N; instrument once per method and scale
+                if method.name not in per_step_counts:
+                    e, v = count_diffrax(problem, method, extra)
+                    per_step_counts[method.name] = (e / n_steps, v / n_steps)
+                e, v = per_step_counts[method.name]
+                evals, vjps = round(e * n_steps), round(v * n_steps)
+                counted = "instrumented (per step, scaled)"
+            else:
+                evals, vjps = count_diffrax(problem, method, extra)
+                counted = "instrumented"
+            row = {
+                "problem": problem.name,
+                "method": method.name,
+                "family": method.family,
+                "variable": method.variable,
+                "setting": setting,
+                "steps": n_steps,
+                **errs,
+                "t_grad_s": t_grad,
+                "t_grad_min_s": t_grad_min,
+                "t_fwd_s": t_fwd,
+                "grad_over_fwd": t_grad / t_fwd,
+                "t_grad_xT_s": t_grad_xT,
+                "grad_xT_over_fwd": t_grad_xT / t_fwd,
+                "compile_grad_s": c_grad,
+                "evals": evals,
+                "vjps": vjps,
+                "counted": counted,
+                "temp_bytes_grad": temp,
+                "temp_bytes_fwd": temp_fwd,
+                "peak_rss_mb": C.peak_rss_mb(),
+            }
+            rows.append(row)
+            log(
+                f"    {method.name:42s} {method.variable}={setting:<8g} steps={n_steps:<6d} "
+                f"err x0 {errs['err_x0']:.1e} grad {errs['err_grad']:.1e}  "
+                f"t_grad {t_grad * 1e3:8.2f} ms  fwd {t_fwd * 1e3:7.2f} ms  "
+                f"compile {c_grad:5.1f}s  evals {evals} vjps {vjps}"
+            )
+            if errs["err_grad"] < STOP_ERR:
+                break  # more accuracy than the targets ask for
+            if method.variable == "N" and setting >= 256 and errs["err_grad"] > 3e-2:
+                # even third order would not reach 1e-3 at twice the steps
+                log(f"    {method.name}: error > 3e-2 at N={setting}; larger N not tried")
+                break
+            if run_time > time_budget_s:
+                log(f"    {method.name}: run-time budget of {time_budget_s:.0f}s spent; stopping")
+                break
+    return rows
