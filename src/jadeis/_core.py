@@ -46,6 +46,17 @@ def bind_model(problem: Problem, params, z_i) -> Callable:
     return lambda x, t: eps_fn(params, x, t, z_i)
 
 
+def normal_like(key, x):
+    """Standard normal noise of the shape and dtype of ``x``. Under an explicit-axis mesh
+    it is drawn with ``x``'s sharding, so each device draws only its own rows (JAX would
+    otherwise type it as replicated and draw the whole batch on every device)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    axis_types = getattr(getattr(sharding, "mesh", None), "axis_types", ())
+    if any(t == jax.sharding.AxisType.Explicit for t in axis_types):
+        return jax.random.normal(key, x.shape, x.dtype, out_sharding=sharding)
+    return jax.random.normal(key, x.shape, x.dtype)
+
+
 def draw_noise(problem: Problem, noise, i, x):
     """Gaussian noise of step ``i`` (None for ODE solvers): from the key folded with ``i``,
     or row ``i`` of the supplied array."""
@@ -53,7 +64,7 @@ def draw_noise(problem: Problem, noise, i, x):
         return None
     if problem.noise_mode == "key":
         key = jax.random.wrap_key_data(noise)
-        return jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+        return normal_like(jax.random.fold_in(key, i), x)
     return noise[i].astype(x.dtype)
 
 

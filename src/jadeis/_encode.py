@@ -13,7 +13,7 @@ from jax import lax
 from . import _validate as V
 from ._adjoint import Backprop
 from ._conditioning import PerStep, z_at
-from ._core import Args, Problem, bind_model, forward, with_final
+from ._core import Args, Problem, bind_model, forward, normal_like, with_final
 from ._schedule import AbstractSchedule
 from ._solver.base import model_time_dtype
 from ._solver import DDIM, AbstractSolver, SDEDPMSolver
@@ -80,13 +80,14 @@ def encode_ode(
         )
     x_0, z, per_step, ts = _prepare(eps_fn, params, x_0, z, schedule, ts, solver, where)
     problem = Problem(eps_fn, solver, Backprop(), per_step, "none", return_trajectory)
-    return _encode_ode(problem, Args(params, x_0, z, schedule, ts, None))
+    return _encode_ode(problem, Args(params, x_0, z, schedule, ts, None),
+                       V.checked_eagerly(ts, schedule))
 
 
 @eqx.filter_jit
-def _encode_ode(problem, args):
+def _encode_ode(problem, args, ts_checked):
     """The solver's own step on the reversed grid (per-step z reversed with it)."""
-    ts = V.check_ts_traced(args.ts, args.schedule, "encode_ode")
+    ts = args.ts if ts_checked else V.check_ts_traced(args.ts, args.schedule, "encode_ode")
     z = args.z
     if problem.per_step_z:
         z = PerStep(jax.tree.map(lambda v: v[::-1], z.values))
@@ -169,13 +170,15 @@ def encode_sde(
     else:
         _, key = V.prepare_noise(solver, key, None, n, x_0, where)
     problem = Problem(eps_fn, solver, Backprop(), per_step, "none", False)
-    return _encode_sde(problem, Args(params, x_0, z, schedule, ts, None), key, path)
+    return _encode_sde(problem, Args(params, x_0, z, schedule, ts, None), key, path,
+                       V.checked_eagerly(ts, schedule))
 
 
 @eqx.filter_jit
-def _encode_sde(problem, args, key, path):
+def _encode_sde(problem, args, key, path, ts_checked):
     params, x_0, z, schedule, ts, _ = args
-    ts = V.check_ts_traced(ts, schedule, "encode_sde")
+    if not ts_checked:
+        ts = V.check_ts_traced(ts, schedule, "encode_sde")
     solver = problem.solver
     dtype = x_0.dtype
     if path is None:
@@ -213,9 +216,7 @@ def _posterior_path(schedule, ts, x_0, key):
     k0, key = jax.random.split(key)
     a0 = jnp.exp(la[0] - u_la)
     v0 = trans_var(la[0], var[0], u_la, u_var)
-    x_start = cast(a0, dtype) * x_0 + cast(jnp.sqrt(v0), dtype) * jax.random.normal(
-        k0, x_0.shape, dtype
-    )
+    x_start = cast(a0, dtype) * x_0 + cast(jnp.sqrt(v0), dtype) * normal_like(k0, x_0)
 
     def body(x_t, inp):
         i, la_t, var_t, la_s, var_s = inp
@@ -225,7 +226,7 @@ def _posterior_path(schedule, ts, x_0, key):
         mean_t = jnp.exp(la_t - la_s) * v_su / v_tu
         mean_u = jnp.exp(la_s - u_la) * v_ts / v_tu
         std = jnp.sqrt(jnp.maximum(v_ts * v_su / v_tu, 0.0))
-        xi = jax.random.normal(jax.random.fold_in(key, i), x_0.shape, dtype)
+        xi = normal_like(jax.random.fold_in(key, i), x_0)
         x_s = cast(mean_t, dtype) * x_t + cast(mean_u, dtype) * x_0 + cast(std, dtype) * xi
         return x_s, x_s
 

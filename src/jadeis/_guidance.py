@@ -38,6 +38,17 @@ class GuideResult(NamedTuple):
     x0_history: np.ndarray | None
 
 
+def _to_host(v) -> np.ndarray:
+    """A (possibly multi-process) array as a NumPy array on every process: a per-example
+    loss sharded over the devices of several processes is gathered (every process runs
+    the same loop, so every process takes part in the gather)."""
+    if getattr(v, "is_fully_addressable", True):
+        return np.asarray(v)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(v, tiled=True))
+
+
 def guide(
     loss_fn: Callable,
     eps_fn: Callable,
@@ -129,7 +140,11 @@ def guide(
     fixed = {w: values[w] for w in _WRT if w not in wrt}
     loss_args = tuple(loss_args)
 
-    def objective(opt_vars, fixed, ts, key, noise, loss_args):
+    # ts is closed over, not traced: sample checks it once on the host, and the compiled step
+    # has no host callback (which would pin data to one device under sharding)
+    ts = jnp.asarray(ts)
+
+    def objective(opt_vars, fixed, key, noise, loss_args):
         v = {**fixed, **opt_vars}
         x_0 = sample(
             eps_fn,
@@ -147,9 +162,9 @@ def guide(
         return jnp.sum(loss), (loss, x_0)
 
     @jax.jit
-    def step(opt_vars, opt_state, fixed, ts, key, noise, loss_args):
+    def step(opt_vars, opt_state, fixed, key, noise, loss_args):
         grad_fn = jax.value_and_grad(objective, has_aux=True)
-        (_, (loss, x_0)), grads = grad_fn(opt_vars, fixed, ts, key, noise, loss_args)
+        (_, (loss, x_0)), grads = grad_fn(opt_vars, fixed, key, noise, loss_args)
         # optax mixes Python floats with int32 step counts (e.g. Adam's bias correction):
         # run the optimiser with standard promotion even where the user set "strict"
         with jax.numpy_dtype_promotion("standard"):
@@ -162,17 +177,17 @@ def guide(
     losses, x0s = [], []
     bar = tqdm(total=num_iters, desc=desc, disable=not progress, unit="it")
     for _ in range(num_iters):
-        opt_vars, opt_state, loss, x_0 = step(opt_vars, opt_state, fixed, ts, key, noise, loss_args)
-        loss = np.asarray(loss)
+        opt_vars, opt_state, loss, x_0 = step(opt_vars, opt_state, fixed, key, noise, loss_args)
+        loss = _to_host(loss)
         losses.append(loss)
         if keep_x0:
-            x0s.append(np.asarray(x_0))
+            x0s.append(_to_host(x_0))
         bar.update(1)
         bar.set_postfix(loss=f"{float(np.mean(loss)):.4f}")
     bar.close()
     # the loss of the returned values: one more step, its update discarded (no new compile)
-    _, _, loss, x_0 = step(opt_vars, opt_state, fixed, ts, key, noise, loss_args)
-    losses.append(np.asarray(loss))
+    _, _, loss, x_0 = step(opt_vars, opt_state, fixed, key, noise, loss_args)
+    losses.append(_to_host(loss))
     v = {**fixed, **opt_vars}
     return GuideResult(
         x_T=v["x_T"],

@@ -97,7 +97,7 @@ def sample(
         return traj[-1], traj
     problem, args = _prepare("sample", eps_fn, params, x_T, z, schedule, ts, solver, adjoint,
                              key, noise, False)
-    return _sample(problem, args, check_finite)[0]
+    return _sample(problem, args, check_finite, V.checked_eagerly(args.ts, args.schedule))[0]
 
 
 def sample_trajectory(
@@ -135,7 +135,7 @@ def sample_trajectory(
     """
     problem, args = _prepare("sample_trajectory", eps_fn, params, x_T, z, schedule, ts, solver,
                              adjoint, key, noise, True)
-    return _sample(problem, args, check_finite)[1]
+    return _sample(problem, args, check_finite, V.checked_eagerly(args.ts, args.schedule))[1]
 
 
 def _prepare(where, eps_fn, params, x_T, z, schedule, ts, solver, adjoint, key, noise, traj):
@@ -154,9 +154,10 @@ def _prepare(where, eps_fn, params, x_T, z, schedule, ts, solver, adjoint, key, 
 
 
 @eqx.filter_jit
-def _sample(problem: Problem, args: Args, check_finite: bool):
+def _sample(problem: Problem, args: Args, check_finite: bool, ts_checked: bool):
     where = "sample"
-    args = args._replace(ts=V.check_ts_traced(args.ts, args.schedule, where))
+    if not ts_checked:
+        args = args._replace(ts=V.check_ts_traced(args.ts, args.schedule, where))
     if check_finite:
         args = args._replace(x_T=eqx.error_if(
             args.x_T, ~jnp.all(jnp.isfinite(args.x_T)),
@@ -288,7 +289,7 @@ def solve_adjoint(
     problem = Problem(eps_fn, solver, adjoint, per_step, "none", False)
     adjoint.check(problem, n)
     args = Args(params, ref if trajectory is None else trajectory[0], z, schedule, ts, None)
-    cts = _solve(problem, args, trajectory, x_0, grad_x0)
+    cts = _solve(problem, args, trajectory, x_0, grad_x0, V.checked_eagerly(ts, schedule))
     zbar = cts.z
     if isinstance(z_in, ConditioningFn):
         _, vjp = jax.vjp(lambda p: ConditioningFn(z_in.fn, p).per_step(ts), z_in.params)
@@ -298,6 +299,7 @@ def solve_adjoint(
 
 
 @eqx.filter_jit
-def _solve(problem, args, trajectory, x_0, grad_x0):
-    args = args._replace(ts=V.check_ts_traced(args.ts, args.schedule, "solve_adjoint"))
+def _solve(problem, args, trajectory, x_0, grad_x0, ts_checked):
+    if not ts_checked:
+        args = args._replace(ts=V.check_ts_traced(args.ts, args.schedule, "solve_adjoint"))
     return problem.adjoint.solve(problem, args, trajectory, x_0, grad_x0)

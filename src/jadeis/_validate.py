@@ -3,7 +3,8 @@
 Static misuse (shapes, dtypes, types, a concrete bad ``ts``) raises ``ValueError`` naming
 the argument and the fix, before anything is compiled. Values that are only known under
 ``jit`` (a traced ``ts``) are checked with ``equinox.error_if`` attached to ``ts`` itself,
-a small array, never to the sampler's state (so a sharded batch is never gathered).
+a small array, never to the sampler's state (so a sharded batch is never gathered); a
+``ts`` checked eagerly is not checked again, so the compiled program has no host callback.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def check_ts(ts, schedule: AbstractSchedule, where: str):
         )
     if not jnp.issubdtype(ts.dtype, jnp.floating):
         ts = ts.astype(jnp.result_type(float))
-    if is_concrete(ts) and all(is_concrete(v) for v in jax.tree.leaves(schedule)):
+    if checked_eagerly(ts, schedule):
         v = np.asarray(ts, dtype=np.float64)
         if not np.all(np.isfinite(v)):
             raise ValueError(f"{where}: ts has non-finite values (NaN or inf): {v.tolist()}.")
@@ -75,6 +76,13 @@ def check_ts(ts, schedule: AbstractSchedule, where: str):
                 f"wider range."
             )
     return ts
+
+
+def checked_eagerly(ts, schedule: AbstractSchedule) -> bool:
+    """Whether :func:`check_ts` could check the values of ``ts`` on the host (``ts`` and the
+    schedule are concrete); then the jit-compiled functions skip :func:`check_ts_traced`,
+    so that they contain no host callback at all."""
+    return is_concrete(ts) and all(is_concrete(v) for v in jax.tree.leaves(schedule))
 
 
 def check_ts_traced(ts, schedule: AbstractSchedule, where: str):
