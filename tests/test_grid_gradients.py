@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from .helpers import ODE_SOLVERS, SDE_SOLVERS
 
 import jadeis
+
+from .helpers import ODE_SOLVERS, SDE_SOLVERS
 
 N = 7
 X_T = jax.random.normal(jax.random.key(3), (3, 2), jnp.float64)

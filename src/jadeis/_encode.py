@@ -15,7 +15,6 @@ from ._adjoint import Backprop
 from ._conditioning import PerStep, z_at
 from ._core import Args, Problem, bind_model, forward, normal_like, with_final
 from ._schedule import AbstractSchedule
-from ._solver.base import model_time_dtype
 from ._solver import DDIM, AbstractSolver, SDEDPMSolver
 from ._solver.base import AbstractLinearMultistepSolver
 
@@ -24,9 +23,7 @@ def _prepare(eps_fn, params, x_0, z, schedule, ts, solver, where):
     V.check_solver(solver, where)
     x_0 = V.check_state(x_0, "x_0", where)
     ts = V.check_ts(ts, schedule, where)
-    z, per_step, z0 = V.prepare_z(z, ts, where)
-    V.check_model(eps_fn, params, x_0, ts[-1].astype(model_time_dtype(x_0.dtype)),
-                  z0, where)
+    z, per_step, _ = V.prepare_z(z, ts, where)
     return x_0, z, per_step, ts
 
 
@@ -87,6 +84,7 @@ def encode_ode(
 @eqx.filter_jit
 def _encode_ode(problem, args, ts_checked):
     """The solver's own step on the reversed grid (per-step z reversed with it)."""
+    V.check_problem_model(problem, args, "encode_ode", t_index=-1)  # once per compilation
     ts = args.ts if ts_checked else V.check_ts_traced(args.ts, args.schedule, "encode_ode")
     z = args.z
     if problem.per_step_z:
@@ -176,6 +174,7 @@ def encode_sde(
 
 @eqx.filter_jit
 def _encode_sde(problem, args, key, path, ts_checked):
+    V.check_problem_model(problem, args, "encode_sde", t_index=-1)  # once per compilation
     params, x_0, z, schedule, ts, _ = args
     if not ts_checked:
         ts = V.check_ts_traced(ts, schedule, "encode_sde")

@@ -128,8 +128,9 @@ def learn_time_grid(
     - `num_iters`: number of updates (int >= 0).
     - `loss_fn`: ``loss_fn(x_0, reference) -> scalar``; default the mean squared error.
     - `adjoint`: the gradient strategy of the sampler. It must give gradients with respect
-      to the times (default ``jadeis.DiscreteAdjoint()``, exact, memory N |x|); a strategy whose gradient is zero while
-      the loss is not raises an error rather than returning the initial grid.
+      to the times (default ``jadeis.DiscreteAdjoint()``, exact, memory N |x|); a
+      strategy whose gradient is zero while the loss is not raises an error rather than
+      returning the initial grid.
     - `t_start`, `t_end`: end points of a spacing `init` (default the schedule's
       ``t_max``, ``t_min``).
     - `progress`: show a tqdm progress bar.
@@ -175,8 +176,8 @@ def learn_time_grid(
             )
     if not isinstance(adjoint, AbstractAdjoint):
         raise ValueError(
-            f"{where}: adjoint must be a jadeis gradient strategy such as jadeis.DiscreteAdjoint(), "
-            f"got {adjoint!r}."
+            f"{where}: adjoint must be a jadeis gradient strategy such as "
+            f"jadeis.DiscreteAdjoint(), got {adjoint!r}."
         )
     if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 0:
         raise ValueError(f"{where}: num_iters must be an int >= 0, got {num_iters!r}.")
@@ -279,7 +280,8 @@ def learn_time_grid(
             raise ValueError(
                 f"{where}: the gradient with respect to the time grid is exactly zero with "
                 f"adjoint={adjoint!r} although the loss is {loss_value:.3g}: this strategy "
-                f"(or loss_fn) does not differentiate the times. Use adjoint=jadeis.DiscreteAdjoint() or jadeis.Backprop()."
+                f"(or loss_fn) does not differentiate the times. Use "
+                f"adjoint=jadeis.DiscreteAdjoint() or jadeis.Backprop()."
             )
         logits = new_logits
         losses.append(loss_value)

@@ -15,7 +15,6 @@ from ._adjoint import AbstractAdjoint, AdjointDEIS, DiscreteAdjoint  # noqa: F40
 from ._conditioning import ConditioningFn
 from ._core import Args, Problem
 from ._schedule import AbstractSchedule
-from ._solver.base import model_time_dtype
 from ._solver import AbstractSolver, DPMSolver, DPMSolverPP, SDEDPMSolver
 
 
@@ -38,8 +37,8 @@ def sample(
 
     Differentiable with ``jax.grad``/``jax.vjp`` with respect to ``params``, ``x_T`` and
     ``z`` (any pytrees), ``noise``, and (with ``DiscreteAdjoint``/``Backprop``) the time
-    grid ``ts`` and the schedule's parameters, with the gradient strategy ``adjoint``. Jit-compiled; works under
-    ``vmap`` and with ``x_T`` sharded over devices.
+    grid ``ts`` and the schedule's parameters, with the gradient strategy ``adjoint``.
+    Jit-compiled; works under ``vmap`` and with ``x_T`` sharded over devices.
 
     **Arguments:**
 
@@ -144,9 +143,7 @@ def _prepare(where, eps_fn, params, x_T, z, schedule, ts, solver, adjoint, key, 
     x_T = V.check_state(x_T, "x_T", where)
     ts = V.check_ts(ts, schedule, where)
     n = ts.shape[0] - 1
-    z, per_step, z0 = V.prepare_z(z, ts, where)
-    V.check_model(eps_fn, params, x_T, ts[0].astype(model_time_dtype(x_T.dtype)),
-                  z0, where)
+    z, per_step, _ = V.prepare_z(z, ts, where)
     noise_mode, noise_arg = V.prepare_noise(solver, key, noise, n, x_T, where)
     problem = Problem(eps_fn, solver, adjoint, per_step, noise_mode, traj)
     adjoint.check(problem, n)
@@ -156,6 +153,7 @@ def _prepare(where, eps_fn, params, x_T, z, schedule, ts, solver, adjoint, key, 
 @eqx.filter_jit
 def _sample(problem: Problem, args: Args, check_finite: bool, ts_checked: bool):
     where = "sample"
+    V.check_problem_model(problem, args, where)  # at trace time: once per compilation
     if not ts_checked:
         args = args._replace(ts=V.check_ts_traced(args.ts, args.schedule, where))
     if check_finite:
@@ -273,9 +271,7 @@ def solve_adjoint(
         ref = x_0
     grad_x0 = grad_x0.astype(ref.dtype)
     z_in = z
-    z, per_step, z0 = V.prepare_z(z, ts, where)
-    V.check_model(eps_fn, params, ref, ts[0].astype(model_time_dtype(ref.dtype)),
-                  z0, where)
+    z, per_step, _ = V.prepare_z(z, ts, where)
     if solver is None:
         if not isinstance(adjoint, AdjointDEIS):
             raise ValueError(
@@ -300,6 +296,8 @@ def solve_adjoint(
 
 @eqx.filter_jit
 def _solve(problem, args, trajectory, x_0, grad_x0, ts_checked):
+    ref = trajectory[-1] if trajectory is not None else x_0
+    V.check_problem_model(problem, args, "solve_adjoint", x=ref)
     if not ts_checked:
         args = args._replace(ts=V.check_ts_traced(args.ts, args.schedule, "solve_adjoint"))
     return problem.adjoint.solve(problem, args, trajectory, x_0, grad_x0)

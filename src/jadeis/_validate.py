@@ -200,3 +200,16 @@ def prepare_noise(solver: AbstractSolver, key, noise, n: int, x, where: str):
             f"of shape {key.shape} and dtype {key.dtype}."
         )
     return "key", key
+
+
+def check_problem_model(problem, args, where: str, x=None, t_index: int = 0):
+    """``check_model`` on a prepared problem, meant to run at trace time inside the jitted
+    entry point (once per compilation, not on every call)."""
+    from ._solver.base import model_time_dtype
+
+    x = args.x_T if x is None else x
+    z = args.z
+    if problem.per_step_z:
+        z = jax.tree.map(lambda v: v[0], z.values)
+    t = args.ts[t_index].astype(model_time_dtype(x.dtype))
+    check_model(problem.eps_fn, args.params, x, t, z, where)
