@@ -63,8 +63,13 @@ def as_eps_fn(model_fn: Callable, schedule: AbstractSchedule, prediction: str) -
         if jnp.issubdtype(t.dtype, jnp.floating):
             t_dtype = jnp.promote_types(t.dtype, t_dtype)
         t = t.astype(t_dtype)
-        alpha = schedule.alpha(t)
-        sigma = schedule.sigma(t)
+        # one dtype for the conversion (also under strict dtype promotion): a bfloat16 output
+        # for a float32 x is converted in float32
+        dt = jnp.promote_types(jnp.promote_types(x.dtype, jnp.asarray(out).dtype), t_dtype)
+        x = x.astype(dt)
+        out = jnp.asarray(out).astype(dt)
+        alpha = schedule.alpha(t).astype(dt)
+        sigma = schedule.sigma(t).astype(dt)
         if prediction == "x0":
             return (x - alpha * out) / sigma
         if prediction == "v":
