@@ -8,7 +8,7 @@ from ._adjoint import (
 )
 from ._conditioning import ConditioningFn as ConditioningFn, PerStep as PerStep
 from ._encode import encode_ode as encode_ode, encode_sde as encode_sde
-from ._grid import time_grid as time_grid
+from ._grid import diffusers_timesteps as diffusers_timesteps, time_grid as time_grid
 from ._guidance import GuideResult as GuideResult, guide as guide
 from ._learned_grid import LearnedGrid as LearnedGrid, learn_time_grid as learn_time_grid
 from ._parameterisation import as_eps_fn as as_eps_fn
@@ -25,6 +25,7 @@ from ._schedule import (
     RectifiedFlow as RectifiedFlow,
     VPCosine as VPCosine,
     VPLinear as VPLinear,
+    rescale_betas_zero_snr as rescale_betas_zero_snr,
 )
 from ._solver import (
     DDIM as DDIM,

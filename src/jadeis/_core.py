@@ -41,9 +41,20 @@ class Args(NamedTuple):
 
 
 def bind_model(problem: Problem, params, z_i) -> Callable:
-    """``model(x, t)``: the noise prediction with parameters and conditioning bound."""
+    """``model(x, t)``: the noise prediction with parameters and conditioning bound.
+
+    Mixed precision: the prediction is cast to the dtype of ``x`` (the solver's state), so a
+    model that runs in bfloat16/float16 drives a float32 state and all solver arithmetic stays
+    in the state's dtype; under differentiation the cast sends the cotangent back in the
+    model's dtype, so the model's VJP runs in its own precision (docs/precision.md).
+    """
     eps_fn = problem.eps_fn
-    return lambda x, t: eps_fn(params, x, t, z_i)
+
+    def model(x, t):
+        eps = eps_fn(params, x, t, z_i)
+        return jax.tree.map(lambda e, v: jax.numpy.asarray(e).astype(v.dtype), eps, x)
+
+    return model
 
 
 def normal_like(key, x):

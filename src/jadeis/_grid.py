@@ -12,6 +12,9 @@ from jaxtyping import Array
 from ._schedule import AbstractSchedule
 
 _SPACINGS = ("logsnr", "time", "quadratic", "karras")
+_DIFFUSERS_SPACINGS = ("leading", "trailing", "linspace")
+_CONVENTIONS = ("ddim", "dpmsolver")
+_FINALS = (None, "zero")
 
 
 def time_grid(
@@ -23,6 +26,9 @@ def time_grid(
     *,
     rho: float = 7.0,
     dtype=None,
+    final: str | None = None,
+    steps_offset: int = 0,
+    convention: str = "ddim",
 ) -> Array:
     """The ``n + 1`` descending times of an ``n``-step sampling grid.
 
@@ -34,9 +40,26 @@ def time_grid(
       (uniform in t), ``"quadratic"`` (uniform in sqrt(t)), or ``"karras"`` (EDM's
       rho-spacing of sigma/alpha, with ``rho``).
     - `t_start`, `t_end`: first and last time; default the schedule's ``t_max`` and ``t_min``.
+      diffusers' spacings of a :class:`~jadeis.DiscreteVP` table: ``"leading"``,
+      ``"trailing"`` or ``"linspace"`` (their ``timestep_spacing``; Lin et al. 2024, Table 2):
+      the n times are those of diffusers' integer timesteps k (t = (k + 1) / N), followed by
+      the final time (see `final`); ``t_start``/``t_end`` do not apply.
     - `dtype`: floating dtype of the result (default: JAX's default float).
+    - `final`: ``None`` (default): the grid ends at ``t_end`` (for the diffusers spacings:
+      at diffusers' timestep 0, t = 1/N, as ``set_alpha_to_one=False`` /
+      ``final_sigmas_type="sigma_min"``). ``"zero"``: the last step goes to t = 0, where
+      sigma = 0 and the sample is the model's clean-data prediction (as diffusers'
+      ``set_alpha_to_one=True`` / ``final_sigmas_type="zero"``); the other n - 1 steps follow
+      `spacing` from ``t_start`` to ``t_end``. The step to sigma = 0 is taken in its
+      first-order limit (x_0 = the data prediction), whatever the sampler's order.
+    - `steps_offset`: diffusers' ``steps_offset``, added to the ``"leading"`` timesteps.
+    - `convention`: whose ``set_timesteps`` the diffusers spacings follow: ``"ddim"``
+      (``DDIMScheduler``, also DDPM, PNDM, Euler) or ``"dpmsolver"``
+      (``DPMSolverMultistepScheduler``, also UniPC, DEIS), which differ for ``"leading"``
+      and ``"linspace"``.
 
-    **Returns:** an array of shape ``(n + 1,)``, strictly decreasing from ``t_start`` to ``t_end``.
+    **Returns:** an array of shape ``(n + 1,)``, strictly decreasing from ``t_start`` to ``t_end``
+    (or to 0 with ``final="zero"``).
 
     **Example:**
 
@@ -50,8 +73,22 @@ def time_grid(
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"time_grid: n must be a Python int >= 1, got {n!r}.")
-    if spacing not in _SPACINGS:
-        raise ValueError(f"time_grid: spacing must be one of {_SPACINGS}, got {spacing!r}.")
+    if spacing not in _SPACINGS + _DIFFUSERS_SPACINGS:
+        raise ValueError(
+            f"time_grid: spacing must be one of {_SPACINGS + _DIFFUSERS_SPACINGS}, got "
+            f"{spacing!r}."
+        )
+    if final not in _FINALS:
+        raise ValueError(f"time_grid: final must be None or 'zero', got final={final!r}.")
+    if spacing in _DIFFUSERS_SPACINGS:
+        return _diffusers_grid(schedule, n, spacing, t_start, t_end, dtype, final,
+                               steps_offset, convention)
+    if final == "zero":
+        # n - 1 steps of the spacing, then one to t = 0
+        head = time_grid(schedule, n - 1, spacing, t_start, t_end, rho=rho, dtype=dtype) \
+            if n > 1 else jnp.asarray([schedule.t_max if t_start is None else t_start],
+                                      jnp.result_type(float) if dtype is None else dtype)
+        return jnp.concatenate([head, jnp.zeros((1,), head.dtype)])
     t_start = schedule.t_max if t_start is None else t_start
     t_end = schedule.t_min if t_end is None else t_end
     c_start, c_end = _concrete(t_start), _concrete(t_end)
@@ -125,3 +162,79 @@ def _concrete(v):
     if isinstance(v, jax.core.Tracer) or jnp.ndim(v) != 0:
         return None
     return float(v)
+
+
+def diffusers_timesteps(
+    num_train_timesteps: int,
+    n: int,
+    spacing: str,
+    *,
+    steps_offset: int = 0,
+    convention: str = "ddim",
+) -> np.ndarray:
+    """diffusers' integer timesteps (descending, length n) of ``set_timesteps(n)`` for
+    ``timestep_spacing=spacing``: ``convention="ddim"`` as ``DDIMScheduler`` (and DDPM, PNDM,
+    Euler), ``"dpmsolver"`` as ``DPMSolverMultistepScheduler`` (and UniPC, DEIS)."""
+    big_n = int(num_train_timesteps)
+    if convention not in _CONVENTIONS:
+        raise ValueError(
+            f"time_grid: convention must be one of {_CONVENTIONS}, got {convention!r}."
+        )
+    if spacing == "trailing":
+        k = np.round(np.arange(big_n, 0, -big_n / n)) - 1
+    elif convention == "ddim":
+        if spacing == "linspace":
+            k = np.linspace(0, big_n - 1, n).round()[::-1]
+        else:
+            k = (np.arange(0, n) * (big_n // n)).round()[::-1] + steps_offset
+    elif spacing == "linspace":
+        k = np.linspace(0, big_n - 1, n + 1).round()[::-1][:-1]
+    else:
+        k = (np.arange(0, n + 1) * (big_n // (n + 1))).round()[::-1][:-1] + steps_offset
+    k = k.astype(np.int64)
+    if k.shape != (n,) or np.any(np.diff(k) >= 0) or k[-1] < 0 or k[0] > big_n - 1:
+        raise ValueError(
+            f"time_grid: diffusers' {spacing!r} spacing ({convention}) gives no valid n = {n} "
+            f"distinct timesteps in [0, {big_n - 1}] (got {k.tolist()}); use fewer steps or "
+            f"another spacing."
+        )
+    return k
+
+
+def _diffusers_grid(schedule, n, spacing, t_start, t_end, dtype, final, steps_offset,
+                    convention):
+    from ._schedule import DiscreteVP
+
+    if not isinstance(schedule, DiscreteVP):
+        raise ValueError(
+            f"time_grid: spacing={spacing!r} gives diffusers' integer timesteps of a discrete "
+            f"table and needs a jadeis.DiscreteVP schedule, got {type(schedule).__name__}."
+        )
+    if t_start is not None or t_end is not None:
+        raise ValueError(
+            f"time_grid: t_start/t_end do not apply to spacing={spacing!r} (diffusers' "
+            f"timesteps); use final='zero' to end at t = 0."
+        )
+    dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"time_grid: dtype must be a floating dtype, got {dtype}.")
+    big_n = schedule.num_train_timesteps
+    k = diffusers_timesteps(big_n, n, spacing, steps_offset=steps_offset, convention=convention)
+    if final == "zero":
+        t_last = 0.0
+    else:
+        if k[-1] == 0:
+            raise ValueError(
+                f"time_grid: diffusers' {spacing!r} timesteps ({convention}) end at timestep 0 "
+                f"(t = 1/N), where the default final time already is; use final='zero' (a last "
+                f"step to sigma = 0, as set_alpha_to_one=True), or steps_offset=1."
+            )
+        t_last = 1.0 / big_n
+    ts = np.concatenate([(k + 1.0) / big_n, [t_last]])
+    out = jnp.asarray(ts, dtype)
+    if not np.all(np.diff(np.asarray(out, np.float64)) < 0):
+        raise ValueError(
+            f"time_grid: {dtype} cannot resolve diffusers' timesteps {k.tolist()}; use "
+            f"dtype=jnp.float32 (the state may still be low precision)."
+        )
+    return out

@@ -8,8 +8,11 @@ import jax
 import jax.numpy as jnp
 
 from ._schedule import AbstractSchedule
+from ._solver.base import model_time_dtype
 
 _PREDICTIONS = ("eps", "x0", "v", "flow")
+# diffusers' prediction_type names
+_ALIASES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 
 
 def as_eps_fn(model_fn: Callable, schedule: AbstractSchedule, prediction: str) -> Callable:
@@ -22,6 +25,8 @@ def as_eps_fn(model_fn: Callable, schedule: AbstractSchedule, prediction: str) -
     - `prediction`: what the network outputs: ``"eps"`` (returned unchanged), ``"x0"``
       (data), ``"v"`` ($v = \alpha\epsilon - \sigma x_0$) or ``"flow"``
       ($u = \dot\alpha_t x_0 + \dot\sigma_t\epsilon$, the flow-matching velocity dx/dt).
+      diffusers' ``prediction_type`` names are accepted as aliases: ``"epsilon"`` (= "eps"),
+      ``"v_prediction"`` (= "v"), ``"sample"`` (= "x0").
 
     With $x = \alpha x_0 + \sigma\epsilon$: from x0, $\epsilon = (x - \alpha x_0)/\sigma$; from
     v, $\epsilon = (\sigma x + \alpha v)/(\alpha^2 + \sigma^2)$; from u,
@@ -41,18 +46,30 @@ def as_eps_fn(model_fn: Callable, schedule: AbstractSchedule, prediction: str) -
 
     ```
     """
+    prediction = _ALIASES.get(prediction, prediction)
     if prediction not in _PREDICTIONS:
         raise ValueError(
-            f"as_eps_fn: prediction must be one of {_PREDICTIONS}, got {prediction!r}."
+            f"as_eps_fn: prediction must be one of {_PREDICTIONS} (or diffusers' "
+            f"{tuple(_ALIASES)}), got {prediction!r}."
         )
     if prediction == "eps":
         return model_fn
 
     def eps_fn(params, x, t, z):
         out = model_fn(params, x, t, z)
-        t = jnp.asarray(t, x.dtype)
-        alpha = schedule.alpha(t)
-        sigma = schedule.sigma(t)
+        # t in x's dtype, but at least float32 (never rounded to a bfloat16 x)
+        t = jnp.asarray(t)
+        t_dtype = model_time_dtype(x.dtype)
+        if jnp.issubdtype(t.dtype, jnp.floating):
+            t_dtype = jnp.promote_types(t.dtype, t_dtype)
+        t = t.astype(t_dtype)
+        # one dtype for the conversion (also under strict dtype promotion): a bfloat16 output
+        # for a float32 x is converted in float32
+        dt = jnp.promote_types(jnp.promote_types(x.dtype, jnp.asarray(out).dtype), t_dtype)
+        x = x.astype(dt)
+        out = jnp.asarray(out).astype(dt)
+        alpha = schedule.alpha(t).astype(dt)
+        sigma = schedule.sigma(t).astype(dt)
         if prediction == "x0":
             return (x - alpha * out) / sigma
         if prediction == "v":

@@ -74,6 +74,11 @@ def multistep_weights(lam_t, lam_s, lam_1, lam_2, kappa: float, order, midpoint:
     Returns an array of shape ``broadcast(...) + (3,)``.
     """
     h = lam_t - lam_s
+    # a step to sigma = 0 (lam_t = +inf, time_grid(..., final="zero")): first order, in the
+    # limit c0 = (1 - e^{-kappa h}) / kappa -> 1 / kappa (kappa > 0; set at the end)
+    inf_h = jnp.isposinf(h)
+    h = jnp.where(inf_h, jnp.ones_like(h), h)
+    order = jnp.where(inf_h, 1, order)
     # c_n = int_0^h exp(kappa (u - h)) u^n / n! du = h^(n+1) phi_(n+1)(-kappa h)
     c0 = h * phi(1, -kappa * h)
     c1 = h**2 * phi(2, -kappa * h)
@@ -96,6 +101,7 @@ def multistep_weights(lam_t, lam_s, lam_1, lam_2, kappa: float, order, midpoint:
     w3_2 = gamma / (hs * h1)
     zero = jnp.zeros_like(h)
     w0 = jnp.where(use3, w3_0, jnp.where(use2, w2_0, c0))
+    w0 = jnp.where(inf_h, 1.0 / kappa if kappa > 0 else jnp.inf, w0)
     w1 = jnp.where(use3, w3_1, jnp.where(use2, w2_1, zero))
     w2 = jnp.where(use3, w3_2, zero)
     return jnp.stack([w0, w1, w2], axis=-1)

@@ -204,7 +204,23 @@ class DiscreteVP(_AbstractVP):
     $\log\alpha_{t_n} = \frac12 \sum_{i \le n} \log(1 - \beta_i)$; in between, log alpha is
     piecewise linear in t, and the inverse interpolates t against log alpha so that
     ``t_from_log_snr(log_snr(t)) == t`` exactly up to rounding (as DPM-Solver's
-    ``NoiseScheduleVP('discrete')``). Valid on [1/N, 1].
+    ``NoiseScheduleVP('discrete')``). Valid on [1/N, 1]; in addition t = 0 is the clean data
+    (alpha = 1, sigma = 0), the end of a grid built with ``time_grid(..., final="zero")``
+    (log alpha is linear between t = 0 and t = 1/N).
+
+    diffusers' integer timestep k = 0..N-1 (``alphas_cumprod[k]``) is t = (k + 1) / N:
+    :meth:`timestep_to_t` and :meth:`t_to_timestep` map between the two (docs/diffusers.md).
+
+    **Arguments:**
+
+    - `betas`: the table, each in (0, 1).
+    - `rescale_betas_zero_snr`: rescale the table to zero terminal SNR first, as diffusers'
+      ``rescale_betas_zero_snr=True`` (:func:`jadeis.rescale_betas_zero_snr`). Then
+      alphas_cumprod[N-1] = 0, which is floored at ``2**-24`` as diffusers'
+      DPM-Solver and Euler schedulers do, so lambda stays finite at t = 1 (an eps-prediction
+      cannot give x0 where alpha = 0); use a v-prediction model.
+    - `alphas_cumprod`: instead of ``betas``, the cumulative products (see
+      :meth:`from_alphas_cumprod`).
 
     **Example:**
 
@@ -213,6 +229,8 @@ class DiscreteVP(_AbstractVP):
     >>> s = jadeis.DiscreteVP.ddpm_linear()
     >>> s.log_alpha_table.shape
     (1000,)
+    >>> float(s.timestep_to_t(999)), float(s.t_to_timestep(0.5))
+    (1.0, 499.0)
 
     ```
     """
@@ -222,42 +240,153 @@ class DiscreteVP(_AbstractVP):
     t_min: float
     t_max: float
 
-    def __init__(self, betas: ArrayLike):
-        betas = np.asarray(betas, dtype=np.float64)
-        if betas.ndim != 1 or betas.size < 2:
-            raise ValueError(
-                f"DiscreteVP: betas must be a 1-D array of at least 2 entries, got shape "
-                f"{betas.shape}."
-            )
-        if not np.all((betas > 0) & (betas < 1)):
-            raise ValueError("DiscreteVP: every beta must lie strictly between 0 and 1.")
-        n = betas.size
-        self.log_alpha_table = jnp.asarray(0.5 * np.cumsum(np.log1p(-betas)))
+    def __init__(
+        self,
+        betas: ArrayLike | None = None,
+        *,
+        rescale_betas_zero_snr: bool = False,
+        alphas_cumprod: ArrayLike | None = None,
+    ):
+        if (betas is None) == (alphas_cumprod is None):
+            raise ValueError("DiscreteVP: pass exactly one of betas and alphas_cumprod.")
+        if betas is not None:
+            betas = np.asarray(betas, dtype=np.float64)
+            if betas.ndim != 1 or betas.size < 2:
+                raise ValueError(
+                    f"DiscreteVP: betas must be a 1-D array of at least 2 entries, got shape "
+                    f"{betas.shape}."
+                )
+            if not np.all((betas > 0) & (betas < 1)):
+                raise ValueError("DiscreteVP: every beta must lie strictly between 0 and 1.")
+            if rescale_betas_zero_snr:
+                betas = _rescale_betas_zero_snr_np(betas)
+            with np.errstate(divide="ignore"):
+                log_ac = np.cumsum(np.log1p(-betas))
+        else:
+            ac = np.asarray(alphas_cumprod, dtype=np.float64)
+            if ac.ndim != 1 or ac.size < 2:
+                raise ValueError(
+                    f"DiscreteVP: alphas_cumprod must be a 1-D array of at least 2 entries, "
+                    f"got shape {ac.shape}."
+                )
+            if not (
+                np.all(np.isfinite(ac)) and 0 < ac[0] <= 1 and np.all(ac[1:] < ac[:-1])
+                and np.all(ac[:-1] > 0) and ac[-1] >= 0
+            ):
+                raise ValueError(
+                    "DiscreteVP: alphas_cumprod must be strictly decreasing in (0, 1] (only the "
+                    "last entry may be 0, a zero-terminal-SNR table)."
+                )
+            if rescale_betas_zero_snr:
+                betas = 1.0 - np.concatenate([ac[:1], ac[1:] / ac[:-1]])
+                ac = np.cumprod(1.0 - _rescale_betas_zero_snr_np(betas))
+            with np.errstate(divide="ignore"):
+                log_ac = np.log(ac)
+        if not np.isfinite(log_ac[-1]):
+            # zero terminal SNR: floored as diffusers' DPMSolverMultistep/Euler schedulers do
+            log_ac[-1] = _ZERO_SNR_LOG_FLOOR
+        n = log_ac.size
+        self.log_alpha_table = jnp.asarray(0.5 * log_ac)
         self.t_table = jnp.asarray(np.arange(1, n + 1, dtype=np.float64) / n)
         self.t_min = 1.0 / n
         self.t_max = 1.0
 
     @classmethod
-    def ddpm_linear(cls, n: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
-        """The DDPM table: betas linear from 1e-4 to 0.02 over 1000 steps."""
-        return cls(np.linspace(beta_start, beta_end, n, dtype=np.float64))
+    def from_alphas_cumprod(cls, alphas_cumprod: ArrayLike, **kwargs):
+        """From diffusers' ``alphas_cumprod`` (alpha^2 at timesteps 0..N-1), e.g.
+        ``DiscreteVP.from_alphas_cumprod(pipe.scheduler.alphas_cumprod.numpy())``. A last entry
+        of 0 (zero terminal SNR) is floored at ``2**-24`` as in diffusers' DPM-Solver."""
+        return cls(alphas_cumprod=alphas_cumprod, **kwargs)
 
     @classmethod
-    def scaled_linear(cls, n: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
+    def ddpm_linear(
+        cls, n: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, **kwargs
+    ):
+        """The DDPM table: betas linear from 1e-4 to 0.02 over 1000 steps."""
+        return cls(np.linspace(beta_start, beta_end, n, dtype=np.float64), **kwargs)
+
+    @classmethod
+    def scaled_linear(
+        cls, n: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012, **kwargs
+    ):
         """Stable Diffusion's "scaled_linear" table: sqrt(beta) linear."""
-        return cls(np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64) ** 2)
+        return cls(np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64) ** 2, **kwargs)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """N, the length of the table (diffusers' ``num_train_timesteps``)."""
+        return int(self.log_alpha_table.shape[0])
+
+    @property
+    def alphas_cumprod(self) -> Array:
+        """diffusers' ``alphas_cumprod``: alpha^2 at timesteps k = 0..N-1."""
+        return jnp.exp(2.0 * self.log_alpha_table)
+
+    def timestep_to_t(self, k: ArrayLike) -> Array:
+        """The time t = (k + 1) / N of diffusers' timestep k (integer or not)."""
+        k = jnp.asarray(k)
+        k = k.astype(jnp.result_type(float)) if not jnp.issubdtype(k.dtype, jnp.floating) else k
+        return (k + 1.0) / self.num_train_timesteps
+
+    def t_to_timestep(self, t: ArrayLike) -> Array:
+        """diffusers' timestep k = N t - 1 of time t, as a float (exact integers on the table's
+        nodes up to rounding; round it for a model that embeds integer timesteps)."""
+        return _as_time(t) * self.num_train_timesteps - 1.0
+
+    def _nodes(self, dtype):
+        # the table's nodes with the clean data prepended: (t = 0, log alpha = 0)
+        zero = jnp.zeros((1,), dtype)
+        table = jnp.concatenate([zero, self.log_alpha_table.astype(dtype)])
+        return jnp.concatenate([zero, self.t_table.astype(dtype)]), table
 
     def log_alpha(self, t):
         t = _as_time(t)
-        table = self.log_alpha_table.astype(jnp.result_type(t, float))
-        return jnp.interp(t, self.t_table.astype(table.dtype), table)
+        ts, table = self._nodes(jnp.result_type(t, float))
+        return jnp.interp(t, ts, table)
 
     def t_from_log_snr(self, lam):
         lam = _as_time(lam)
         log_alpha = _vp_log_alpha_from_log_snr(lam)
-        table = self.log_alpha_table.astype(log_alpha.dtype)
+        ts, table = self._nodes(log_alpha.dtype)
         # log alpha decreases in t: interpolate on the flipped (increasing) table
-        return jnp.interp(log_alpha, table[::-1], self.t_table.astype(table.dtype)[::-1])
+        return jnp.interp(log_alpha, table[::-1], ts[::-1])
+
+
+_ZERO_SNR_LOG_FLOOR = math.log(2.0**-24)
+
+
+def _rescale_betas_zero_snr_np(betas):
+    ac = np.cumprod(1.0 - betas)
+    s = np.sqrt(ac)
+    s0, s_last = s[0], s[-1]
+    s = (s - s_last) * (s0 / (s0 - s_last))
+    ac = s**2
+    alphas = np.concatenate([ac[:1], ac[1:] / ac[:-1]])
+    return 1.0 - alphas
+
+
+def rescale_betas_zero_snr(betas: ArrayLike) -> np.ndarray:
+    """Rescale a beta table to zero terminal SNR, as diffusers' ``rescale_zero_terminal_snr``
+    (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 1):
+    sqrt(alphas_cumprod) is shifted so that its last entry is 0 and scaled so that its first
+    is unchanged. The last returned beta is 1 (alphas_cumprod[-1] = 0). In float64.
+
+    **Example:**
+
+    ```python
+    >>> import numpy as np, jadeis
+    >>> b = jadeis.rescale_betas_zero_snr(np.linspace(1e-4, 0.02, 1000))
+    >>> float(b[-1]), float(np.cumprod(1 - b)[-1])
+    (1.0, 0.0)
+
+    ```
+    """
+    betas = np.asarray(betas, dtype=np.float64)
+    if betas.ndim != 1 or betas.size < 2 or not np.all((betas > 0) & (betas < 1)):
+        raise ValueError(
+            "rescale_betas_zero_snr: betas must be a 1-D array of at least 2 entries in (0, 1)."
+        )
+    return _rescale_betas_zero_snr_np(betas)
 
 
 class RectifiedFlow(AbstractSchedule):

@@ -69,7 +69,8 @@ def check_ts(ts, schedule: AbstractSchedule, where: str):
                 f"t_min); build it with jadeis.time_grid(schedule, n)."
             )
         lo, hi = float(schedule.t_min), float(schedule.t_max)
-        if v[-1] < lo or v[0] > hi:
+        # a last time of exactly 0 is the clean data (sigma = 0): time_grid(..., final="zero")
+        if np.min(v[:-1]) < lo or (v[-1] < lo and v[-1] != 0.0) or v[0] > hi:
             raise ValueError(
                 f"{where}: ts has times outside the schedule's range [t_min, t_max] = "
                 f"[{lo}, {hi}] (got {v[-1]} .. {v[0]}); clip ts or build the schedule with a "
@@ -102,9 +103,10 @@ def check_ts_traced(ts, schedule: AbstractSchedule, where: str):
         f"{where}: ts must be strictly decreasing (sampling runs from t_max down to t_min); "
         f"use jadeis.time_grid(schedule, n).",
     )
+    below = (ts < lo).at[-1].set((ts[-1] < lo) & (ts[-1] != 0))  # a final 0 is allowed
     ts = eqx.error_if(
         ts,
-        jnp.any((ts < lo) | (ts > hi)),
+        jnp.any(below | (ts > hi)),
         f"{where}: ts has times outside the schedule's range [t_min, t_max]; clip ts or build "
         f"the schedule with a wider range.",
     )
@@ -126,11 +128,18 @@ def check_model(eps_fn, params, x, t, z, where: str):
             f"{where}: calling eps_fn(params, x, t, z) failed for x of shape {x.shape} and "
             f"dtype {x.dtype}: {type(e).__name__}: {e}"
         ) from e
-    if not hasattr(out, "shape") or out.shape != x.shape or out.dtype != x.dtype:
+    # mixed precision: any floating dtype is accepted (cast to the state's dtype by
+    # _core.bind_model), so a bfloat16 model may drive a float32 state
+    if (
+        not hasattr(out, "shape")
+        or out.shape != x.shape
+        or not jnp.issubdtype(out.dtype, jnp.floating)
+    ):
         got = f"shape {getattr(out, 'shape', None)}, dtype {getattr(out, 'dtype', type(out))}"
         raise ValueError(
-            f"{where}: eps_fn must return an array of the shape and dtype of x "
-            f"({x.shape}, {x.dtype}); it returned {got}. Cast or reshape the model output."
+            f"{where}: eps_fn must return a floating-point array of the shape of x "
+            f"({x.shape}; any floating dtype, cast to x's {x.dtype}); it returned {got}. "
+            f"Reshape the model output or cast it to a floating dtype."
         )
 
 

@@ -259,7 +259,9 @@ def deis_backward(
         if traj_bar is not None:
             ax = ax + lax.dynamic_index_in_dim(traj_bar, b, keepdims=False)
         z_j = z_at(z, i, per_step)
-        eps, vjp = jax.vjp(lambda xx, p, zz: eps_fn(p, xx, s, zz), x_here, params, z_j)
+        eps, vjp = jax.vjp(  # the model's output in the state's dtype (mixed precision)
+            lambda xx, p, zz: eps_fn(p, xx, s, zz).astype(xx.dtype), x_here, params, z_j
+        )
         gx, gp, gz = vjp(ax)
         fx = fxs * gx
         ws = [wj[q] for q in range(k)]

@@ -265,7 +265,16 @@ class AbstractExponentialSolver(AbstractLinearMultistepSolver):
         la_s, la_t = log_alpha[:-1], log_alpha[1:]
         ls_s, ls_t = log_sigma[:-1], log_sigma[1:]
         a, scale, c = self._step_scalars(h, la_s, la_t, ls_s, ls_t)
-        return StepCoefficients(a=a, b=scale[:, None] * w, c=c)
+        b = scale[:, None] * w
+        if self.prediction == "eps":
+            # a step to sigma_t = 0 (h = inf, time_grid(..., final="zero")): the first-order
+            # limits sigma_t expm1(h) -> alpha_t sigma_s / alpha_s (and sigma_t sqrt(expm1(2h)))
+            inf_h = jnp.isposinf(h)
+            lim = jnp.exp(la_t - la_s + ls_s)
+            b0 = jnp.stack([-self.drift_factor * lim, 0.0 * lim, 0.0 * lim], axis=-1)
+            b = jnp.where(inf_h[:, None], b0, b)
+            c = jnp.where(inf_h & self.stochastic, lim, c)
+        return StepCoefficients(a=a, b=b, c=c)
 
     @abc.abstractmethod
     def _step_scalars(self, h, la_s, la_t, ls_s, ls_t):
