@@ -31,7 +31,7 @@ import jadeis
 
 
 def pf_ode_t(schedule, eps_fn):
-    """dx/dt = f(t) x + g^2(t)/(2 sigma_t) eps = f x - sigma dlambda/dt eps (SPEC section 1)."""
+    """dx/dt = f(t) x + g^2(t)/(2 sigma_t) eps = f x - sigma dlambda/dt eps (docs/math/schedules.md)."""
     dlog_alpha = jax.grad(lambda t: schedule.log_alpha(t))
     dlam = jax.grad(lambda t: schedule.log_snr(t))
 

@@ -3,7 +3,7 @@
 - :func:`run_on_cpu_devices`: run a script in a fresh interpreter with XLA given several
   host (CPU) devices, without affecting the rest of the test session;
 - ``np_*``: the VPLinear schedule (beta 0.1 .. 20) and the Gaussian-data model written out
-  in numpy, independently of the library (SPEC sections 2 and 6), for hand-written
+  in numpy, independently of the library (docs/math sections 2 and 6), for hand-written
   reference steps.
 """
 

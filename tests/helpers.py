@@ -1,4 +1,4 @@
-"""Shared test utilities: the Gaussian-data oracle (SPEC section 6) and tree comparisons."""
+"""Shared test utilities: the Gaussian-data oracle (docs/math/oracles.md) and tree comparisons."""
 
 from __future__ import annotations
 

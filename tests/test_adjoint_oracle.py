@@ -1,4 +1,5 @@
-"""AdjointDEIS against the closed-form Gaussian oracle (SPEC sections 4 and 6).
+"""AdjointDEIS against the closed-form Gaussian oracle (docs/math/adjoint.md#adjointdeis-steps,
+docs/math/oracles.md#gaussian-flow-map and #gaussian-pathwise-sde).
 
 Data N(mu, s^2 I): the model is the exact noise predictor ``GaussianOracle.eps_fn`` with
 ``params = s^2`` and conditioning ``z = mu``. The exact gradients of a loss of the

@@ -1,4 +1,4 @@
-"""ODE samplers against the closed-form Gaussian oracle (SPEC sections 3 and 6).
+"""ODE samplers against the closed-form Gaussian oracle (docs/math/samplers.md, docs/math/oracles.md).
 
 Data N(mu, s^2 I): the probability-flow ODE has the exact solution ``GaussianOracle.flow``,
 so the sampler error is measurable exactly and its convergence order can be fitted.
@@ -166,7 +166,7 @@ def test_first_order_solvers_are_the_same_map():
 
 
 # ---------------------------------------------------------------------------------------
-# first steps of DPM-Solver++(2M) and DPM-Solver-2M by hand (SPEC section 3), in numpy,
+# first steps of DPM-Solver++(2M) and DPM-Solver-2M by hand (docs/math/samplers.md), in numpy,
 # with VPLinear and the Gaussian oracle written out independently of the library.
 
 MU_F, S2_F = 0.7, 0.09
@@ -183,7 +183,7 @@ def np_data(x, t):
 def pp_step(x_s, s, t, d_s, d_prev=None, h_prev=None, form="phi"):
     """One DPM-Solver++ step from s to t (order 1 when d_prev is None).
 
-    SPEC:   x_t = (sigma_t/sigma_s) x_s - alpha_t expm1(-h) (D_s + D1/2),
+    docs:   x_t = (sigma_t/sigma_s) x_s - alpha_t expm1(-h) (D_s + D1/2),
             D1 = (D_s - D_prev)/r, r = h_prev/h        ("midpoint" form)
     phi:    x_t = (sigma_t/sigma_s) x_s - alpha_t expm1(-h) D_s
                   + alpha_t (h + expm1(-h)) (D_s - D_prev)/h_prev
@@ -241,7 +241,7 @@ def test_dpmpp_2m_first_steps_by_hand():
     t = np.asarray(ts)
     x = np.asarray(traj)
 
-    # step 1 has no history: first order, the SPEC's DPM-Solver++(1)
+    # step 1 has no history: first order, the documented DPM-Solver++(1)
     d0 = np_data(x[0], t[0])
     x1 = pp_step(x[0], t[0], t[1], d0)
     np.testing.assert_allclose(x[1], x1, rtol=1e-12, atol=1e-14)
@@ -260,7 +260,7 @@ def test_dpmpp_2m_first_steps_by_hand():
     ref = np_multistep(np.asarray(X_T), t, [1] + [2] * (n - 1))
     np.testing.assert_allclose(x, ref, rtol=1e-11, atol=1e-13)
 
-    # Relation to the SPEC's midpoint form D_s + D1/2 at each second-order step (from the
+    # Relation to the documented midpoint form D_s + D1/2 at each second-order step (from the
     # library's own x_s and history): the two differ by exactly
     #   alpha_t (D_s - D_prev)/h_prev * [h + expm1(-h) + h expm1(-h)/2],
     # and the bracket is h^3/12 + O(h^4) (0 < bracket <= h^3/12): an O(h^3) local

@@ -1,4 +1,4 @@
-"""Noise schedules (SPEC section 1): identities, inverses, beta tables, pytree behaviour, errors."""
+"""Noise schedules (docs/math/schedules.md): identities, inverses, beta tables, pytree behaviour, errors."""
 
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
-"""SDE samplers (SPEC section 3) on Gaussian data N(mu, s^2): distribution, noise, errors.
+"""SDE samplers (docs/math/samplers.md) on Gaussian data N(mu, s^2): distribution, noise, errors.
 
 With the exact eps of Gaussian data every SDE sampler is a linear-Gaussian Markov chain
 (second order: in the pair (x_i, x_{i-1})), so the mean and variance of its output are
-computable exactly. ``chain_moments`` does that in numpy from the SPEC formulas, written
+computable exactly. ``chain_moments`` does that in numpy from the formulas in docs/math/samplers.md, written
 out independently of the library. The tests then check that
 
 - sampled moments (a big batch) equal the chain's moments within statistical tolerances
-  derived from the sample size (the library implements the SPEC step, noise included);
+  derived from the sample size (the library implements the documented step, noise included);
 - the chain's moments converge to the data distribution's as N grows, at the rate of the
   sampler (so the sampler reproduces the data distribution);
 - sampled moments equal the data moments within the statistical tolerance plus the
@@ -37,14 +37,14 @@ def chain_moments(ts, kind, m0=0.0, v0=1.0):
     """Exact mean and variance (per coordinate) of the SDE sampler's output.
 
     eps(x, s) = sigma_s (x - alpha_s mu)/(alpha_s^2 s^2 + sigma_s^2) = pe x + qe, and the data
-    prediction D = (x - sigma eps)/alpha = pd x + qd, are affine in x. Steps (SPEC section 3):
+    prediction D = (x - sigma eps)/alpha = pd x + qd, are affine in x. Steps (docs/math/samplers.md):
       eps1:  x_t = (alpha_t/alpha_s) x_s - 2 sigma_t expm1(h) eps_s + sigma_t sqrt(expm1(2h)) xi
       data1: x_t = (sigma_t/sigma_s) e^{-h} x_s - alpha_t expm1(-2h) D_s
                    + sigma_t sqrt(-expm1(-2h)) xi
       data2: data1 + the D1 term with the exact phi weight,
              2 alpha_t int_0^h e^{2(u-h)} u du (D_s - D_prev)/h_prev
              = alpha_t (2h + expm1(-2h))/2 (D_s - D_prev)/h_prev
-             (the SPEC's -alpha_t expm1(-2h) D1/2 agrees with it to O(h^3) per step),
+             (the documented -alpha_t expm1(-2h) D1/2 agrees with it to O(h^3) per step),
              first step first order.
     """
     m, v = m0, v0  # mean, variance of x_i

@@ -16,7 +16,8 @@ _ALIASES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 
 
 def as_eps_fn(model_fn: Callable, schedule: AbstractSchedule, prediction: str) -> Callable:
-    r"""Wrap ``model_fn(params, x, t, z)`` so that it returns the noise prediction eps.
+    r"""Wrap ``model_fn(params, x, t, z)`` so that it returns the noise prediction eps
+    (docs/math/parameterisations.md).
 
     **Arguments:**
 

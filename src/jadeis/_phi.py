@@ -20,7 +20,8 @@ _SERIES_TERMS = 24
 
 
 def phi(k: int, z):
-    r"""The phi-function $\varphi_k(z) = \sum_{n \ge 0} z^n / (n + k)!$, for k = 1, 2, 3.
+    r"""The phi-function $\varphi_k(z) = \sum_{n \ge 0} z^n / (n + k)!$, for k = 1, 2, 3
+    (docs/math/samplers.md#phi-functions).
 
     Closed forms ``expm1(z)/z``, ``(expm1(z) - z)/z^2`` and
     ``(expm1(z) - z - z^2/2)/z^3`` cancel catastrophically for small ``|z|``; there the
@@ -56,7 +57,8 @@ def phi(k: int, z):
 
 
 def multistep_weights(lam_t, lam_s, lam_1, lam_2, kappa: float, order, midpoint: bool = False):
-    r"""Weights ``w`` with ``int exp(kappa (l - lam_t)) F(l) dl ~= w0 F0 + w1 F1 + w2 F2``.
+    r"""Weights ``w`` with ``int exp(kappa (l - lam_t)) F(l) dl ~= w0 F0 + w1 F1 + w2 F2``
+    (derivation: docs/math/samplers.md#multistep-weights).
 
     The integral runs from ``lam_s`` to ``lam_t``; ``F0, F1, F2`` are the values of the
     integrand at ``lam_s`` (current point) and at the two previous grid points ``lam_1``,

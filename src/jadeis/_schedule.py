@@ -85,7 +85,8 @@ class _AbstractVP(AbstractSchedule):
 
 
 class VPLinear(_AbstractVP):
-    r"""Variance-preserving SDE with linear beta(t) (score SDE / DDPM in continuous time).
+    r"""Variance-preserving SDE with linear beta(t) (score SDE / DDPM in continuous time;
+    docs/math/schedules.md#vplinear).
 
     $\log\alpha_t = -(\beta_1 - \beta_0) t^2/4 - \beta_0 t/2$, $\sigma_t = \sqrt{1-\alpha_t^2}$.
 
@@ -144,7 +145,8 @@ class VPLinear(_AbstractVP):
 
 
 class VPCosine(_AbstractVP):
-    r"""Variance-preserving cosine schedule (Nichol & Dhariwal 2021).
+    r"""Variance-preserving cosine schedule (Nichol & Dhariwal 2021;
+    docs/math/schedules.md#vpcosine).
 
     $\alpha_t = \cos(\frac{t+s}{1+s}\frac{\pi}{2}) / \cos(\frac{s}{1+s}\frac{\pi}{2})$; alpha
     vanishes at t = 1, so the default ``t_max`` is 0.9946 (as in DPM-Solver).
@@ -198,7 +200,8 @@ class VPCosine(_AbstractVP):
 
 
 class DiscreteVP(_AbstractVP):
-    r"""Variance-preserving schedule from a discrete beta table (DDPM, Stable Diffusion).
+    r"""Variance-preserving schedule from a discrete beta table (DDPM, Stable Diffusion;
+    docs/math/schedules.md#discretevp).
 
     Step n = 1..N of the table sits at time t_n = n / N, with
     $\log\alpha_{t_n} = \frac12 \sum_{i \le n} \log(1 - \beta_i)$; in between, log alpha is
@@ -390,7 +393,8 @@ def rescale_betas_zero_snr(betas: ArrayLike) -> np.ndarray:
 
 
 class RectifiedFlow(AbstractSchedule):
-    r"""Rectified flow / flow matching: alpha_t = 1 - t, sigma_t = t.
+    r"""Rectified flow / flow matching: alpha_t = 1 - t, sigma_t = t
+    (docs/math/schedules.md#rectifiedflow).
 
     lambda_t = log((1 - t)/t) is finite only inside (0, 1): the default range is
     [1e-3, 1 - 1e-3].
@@ -429,7 +433,8 @@ class RectifiedFlow(AbstractSchedule):
 
 
 class VE(AbstractSchedule):
-    r"""Variance exploding / EDM schedule: alpha_t = 1, sigma_t = t, lambda_t = -log t.
+    r"""Variance exploding / EDM schedule: alpha_t = 1, sigma_t = t, lambda_t = -log t
+    (docs/math/schedules.md#ve).
 
     Time is the noise level itself (EDM's sigma), valid on [sigma_min, sigma_max].
 
