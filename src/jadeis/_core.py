@@ -53,7 +53,8 @@ def draw_noise(problem: Problem, noise, i, x):
         return None
     if problem.noise_mode == "key":
         key = jax.random.wrap_key_data(noise)
-        return jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+        shape = problem.solver.noise_shape(x.shape)
+        return jax.random.normal(jax.random.fold_in(key, i), shape, x.dtype)
     return noise[i].astype(x.dtype)
 
 
