@@ -56,6 +56,11 @@ def encode_ode(
     With ``return_trajectory=True`` also returns the N + 1 states, ordered like ``ts``
     (first ``x_T``, last ``x_0``).
 
+    With a reversible solver (``solver=jadeis.Rex(...)``) the inversion is exact: the
+    result is a :class:`jadeis.RexLatent` (both coupled states at ``ts[0]``, the grid length
+    and the solver) that ``sample(..., x_T=latent, ts=ts, solver=solver)`` maps back to
+    ``x_0`` up to rounding (docs/math/reversible.md).
+
     **Example:**
 
     ```python
@@ -158,6 +163,11 @@ def encode_sde(
     ``(N + 1,) + x_0.shape``, ``path[-1]`` is replaced by ``x_0``).
 
     **Returns:** ``(x_T, noise)`` with ``noise`` of shape ``(N,) + x_0.shape``.
+
+    With ``solver=jadeis.SDERex(...)`` (``key`` only): the exact inverse along the Brownian
+    path of ``key``; returns ``(latent, noise)``, a :class:`jadeis.RexLatent` and the path's
+    standard normals (shape ``(N,) + solver.noise_shape(x_0.shape)``): ``sample`` with
+    ``x_T=latent`` and ``key=key`` or ``noise=noise`` reproduces ``x_0``.
 
     **Example:**
 
