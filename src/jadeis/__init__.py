@@ -5,6 +5,7 @@ from ._adjoint import (
     AdjointDEIS as AdjointDEIS,
     Backprop as Backprop,
     DiscreteAdjoint as DiscreteAdjoint,
+    ReversibleAdjoint as ReversibleAdjoint,
 )
 from ._conditioning import ConditioningFn as ConditioningFn, PerStep as PerStep
 from ._encode import encode_ode as encode_ode, encode_sde as encode_sde
@@ -32,8 +33,11 @@ from ._solver import (
     AbstractSolver as AbstractSolver,
     DPMSolver as DPMSolver,
     DPMSolverPP as DPMSolverPP,
+    Rex as Rex,
+    RexLatent as RexLatent,
     SDEDPMSolver as SDEDPMSolver,
     SDEDPMSolverPP as SDEDPMSolverPP,
+    SDERex as SDERex,
     UniPC as UniPC,
 )
 

@@ -75,7 +75,10 @@ def draw_noise(problem: Problem, noise, i, x):
         return None
     if problem.noise_mode == "key":
         key = jax.random.wrap_key_data(noise)
-        return normal_like(jax.random.fold_in(key, i), x)
+        shape = problem.solver.noise_shape(x.shape)
+        if shape == x.shape:
+            return normal_like(jax.random.fold_in(key, i), x)
+        return jax.random.normal(jax.random.fold_in(key, i), shape, x.dtype)
     return noise[i].astype(x.dtype)
 
 

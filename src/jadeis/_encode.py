@@ -13,9 +13,10 @@ from jax import lax
 from . import _validate as V
 from ._adjoint import Backprop
 from ._conditioning import PerStep, z_at
-from ._core import Args, Problem, bind_model, forward, normal_like, with_final
+from ._core import Args, Problem, bind_model, draw_noise, forward, normal_like, with_final
 from ._schedule import AbstractSchedule
-from ._solver import DDIM, AbstractSolver, SDEDPMSolver
+from ._solver import DDIM, AbstractSolver, RexLatent, SDEDPMSolver
+from ._solver.rex import AbstractRex
 from ._solver.base import AbstractLinearMultistepSolver
 
 
@@ -52,6 +53,11 @@ def encode_ode(
     With ``return_trajectory=True`` also returns the N + 1 states, ordered like ``ts``
     (first ``x_T``, last ``x_0``).
 
+    With a reversible solver (``solver=jadeis.Rex(...)``) the inversion is exact: the
+    result is a :class:`jadeis.RexLatent` (both coupled states at ``ts[0]``, the grid length
+    and the solver) that ``sample(..., x_T=latent, ts=ts, solver=solver)`` maps back to
+    ``x_0`` up to rounding (docs/math/reversible.md).
+
     **Example:**
 
     ```python
@@ -70,6 +76,12 @@ def encode_ode(
     ```
     """
     where = "encode_ode"
+    if isinstance(solver, AbstractRex) and solver.stochastic:
+        raise ValueError(
+            f"{where}: {type(solver).__name__} is stochastic: encode with "
+            f"jadeis.encode_sde(..., solver={solver!r}, key=key), which returns the latent and "
+            f"the Brownian path's noise."
+        )
     if solver.stochastic:
         raise ValueError(
             f"{where}: DDIM inversion needs an ODE sampler such as jadeis.DDIM(), got "
@@ -77,8 +89,37 @@ def encode_ode(
         )
     x_0, z, per_step, ts = _prepare(eps_fn, params, x_0, z, schedule, ts, solver, where)
     problem = Problem(eps_fn, solver, Backprop(), per_step, "none", return_trajectory)
+    if isinstance(solver, AbstractRex):
+        return _encode_rex(problem, Args(params, x_0, z, schedule, ts, None),
+                           V.checked_eagerly(ts, schedule))
     return _encode_ode(problem, Args(params, x_0, z, schedule, ts, None),
                        V.checked_eagerly(ts, schedule))
+
+
+@eqx.filter_jit
+def _encode_rex(problem, args, ts_checked):
+    """Exact inversion of a reversible solver: its ``inverse_step`` from ``(x_0, x_0)`` at
+    ``ts[-1]`` back to ``ts[0]``; returns a :class:`RexLatent` (and the N + 1 samples)."""
+    V.check_problem_model(problem, args, "encode_ode", t_index=-1)  # once per compilation
+    params, x_0, z, schedule, ts, noise = args
+    if not ts_checked:
+        ts = V.check_ts_traced(ts, schedule, "encode_ode")
+    solver = problem.solver
+    n = ts.shape[0] - 1
+    inputs = solver.inputs(schedule, ts, x_0.dtype)
+
+    def body(state, xs):
+        i, inp = xs
+        model = bind_model(problem, params, z_at(z, i, problem.per_step_z))
+        xi = draw_noise(problem, noise, i, solver.output(state))
+        prev = solver.inverse_step(model, inp, state, xi)
+        return prev, (solver.output(prev) if problem.return_trajectory else None)
+
+    (x_T, xh_T), saved = lax.scan(body, (x_0, x_0), (jnp.arange(n), inputs), reverse=True)
+    latent = RexLatent(x_T, xh_T, n, solver)
+    if problem.return_trajectory:
+        return latent, with_final(saved, x_0)
+    return latent
 
 
 @eqx.filter_jit
@@ -125,6 +166,11 @@ def encode_sde(
 
     **Returns:** ``(x_T, noise)`` with ``noise`` of shape ``(N,) + x_0.shape``.
 
+    With ``solver=jadeis.SDERex(...)`` (``key`` only): the exact inverse along the Brownian
+    path of ``key``; returns ``(latent, noise)``, a :class:`jadeis.RexLatent` and the path's
+    standard normals (shape ``(N,) + solver.noise_shape(x_0.shape)``): ``sample`` with
+    ``x_T=latent`` and ``key=key`` or ``noise=noise`` reproduces ``x_0``.
+
     **Example:**
 
     ```python
@@ -149,6 +195,8 @@ def encode_sde(
             f"{where}: solver must be an SDE sampler such as jadeis.SDEDPMSolver(), got "
             f"{type(solver).__name__}; for ODE samplers use jadeis.encode_ode."
         )
+    if isinstance(solver, AbstractRex):
+        return _encode_sde_rex(eps_fn, params, x_0, z, schedule, ts, solver, key, path, where)
     if (key is None) == (path is None):
         raise ValueError(f"{where}: give exactly one of key= (to draw the path) or path=.")
     if not isinstance(solver, AbstractLinearMultistepSolver):
@@ -232,3 +280,24 @@ def _posterior_path(schedule, ts, x_0, key):
     inputs = (jnp.arange(n - 1), la[:-2], var[:-2], la[1:-1], var[1:-1])
     _, mid = lax.scan(body, x_start, inputs)
     return jnp.concatenate([x_start[None], mid, x_0[None]], axis=0)
+
+
+def _encode_sde_rex(eps_fn, params, x_0, z, schedule, ts, solver, key, path, where):
+    """Exact inversion of :class:`jadeis.SDERex` along the Brownian path of ``key``."""
+    if path is not None:
+        raise ValueError(
+            f"{where}: {type(solver).__name__} is inverted exactly along its Brownian path: "
+            f"pass key= (the path), not path=."
+        )
+    x_0, z, per_step, ts = _prepare(eps_fn, params, x_0, z, schedule, ts, solver, where)
+    n = ts.shape[0] - 1
+    noise_mode, key = V.prepare_noise(solver, key, None, n, x_0, where)
+    problem = Problem(eps_fn, solver, Backprop(), per_step, noise_mode, False)
+    args = Args(params, x_0, z, schedule, ts, key)
+    latent = _encode_rex(problem, args)
+    return latent, _draw_all(problem, key, n, x_0)
+
+
+@eqx.filter_jit
+def _draw_all(problem, key, n, x_0):
+    return jax.vmap(lambda i: draw_noise(problem, key, i, x_0))(jnp.arange(n))

@@ -15,7 +15,7 @@ from ._adjoint import AbstractAdjoint, AdjointDEIS, DiscreteAdjoint  # noqa: F40
 from ._conditioning import ConditioningFn
 from ._core import Args, Problem
 from ._schedule import AbstractSchedule
-from ._solver import AbstractSolver, DPMSolver, DPMSolverPP, SDEDPMSolver
+from ._solver import AbstractSolver, DPMSolver, DPMSolverPP, RexLatent, SDEDPMSolver
 
 
 def sample(
@@ -140,11 +140,12 @@ def sample_trajectory(
 def _prepare(where, eps_fn, params, x_T, z, schedule, ts, solver, adjoint, key, noise, traj):
     V.check_solver(solver, where)
     V.check_adjoint(adjoint, where)
-    x_T = V.check_state(x_T, "x_T", where)
     ts = V.check_ts(ts, schedule, where)
     n = ts.shape[0] - 1
+    x_T = V.check_x_T(x_T, solver, n, where)
+    x_arr = x_T.x if isinstance(x_T, RexLatent) else x_T
     z, per_step, _ = V.prepare_z(z, ts, where)
-    noise_mode, noise_arg = V.prepare_noise(solver, key, noise, n, x_T, where)
+    noise_mode, noise_arg = V.prepare_noise(solver, key, noise, n, x_arr, where)
     problem = Problem(eps_fn, solver, adjoint, per_step, noise_mode, traj)
     adjoint.check(problem, n)
     return problem, Args(params, x_T, z, schedule, ts, noise_arg)
@@ -157,9 +158,10 @@ def _sample(problem: Problem, args: Args, check_finite: bool, ts_checked: bool):
     if not ts_checked:
         args = args._replace(ts=V.check_ts_traced(args.ts, args.schedule, where))
     if check_finite:
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v))
+                                    for v in jax.tree.leaves(args.x_T)]))
         args = args._replace(x_T=eqx.error_if(
-            args.x_T, ~jnp.all(jnp.isfinite(args.x_T)),
-            f"{where}: x_T has non-finite values (NaN or inf).",
+            args.x_T, ~finite, f"{where}: x_T has non-finite values (NaN or inf).",
         ))
     x_0, traj = problem.adjoint.run(problem, args)
     if check_finite:

@@ -17,7 +17,7 @@ import numpy as np
 from ._adjoint import AbstractAdjoint
 from ._conditioning import ConditioningFn, PerStep
 from ._schedule import AbstractSchedule
-from ._solver import AbstractSolver
+from ._solver import AbstractSolver, RexLatent
 
 
 def is_concrete(v) -> bool:
@@ -120,6 +120,31 @@ def check_state(x, name: str, where: str):
     return x
 
 
+def check_x_T(x_T, solver, n: int, where: str):
+    """``x_T``: a floating-point array, or a :class:`RexLatent` for the solver and grid
+    length that made it."""
+    if isinstance(x_T, RexLatent):
+        if not callable(getattr(solver, "inverse_step", None)) or solver != x_T.solver:
+            raise ValueError(
+                f"{where}: x_T is a RexLatent made by {x_T.solver!r}; decode it with that "
+                f"solver (solver={x_T.solver!r}), not {solver!r}."
+            )
+        if x_T.num_steps != n:
+            raise ValueError(
+                f"{where}: x_T is a RexLatent encoded on a grid of {x_T.num_steps} steps, but "
+                f"ts has {n} steps; decode it on the grid it was encoded on."
+            )
+        x = check_state(x_T.x, "x_T.x", where)
+        xh = check_state(x_T.xh, "x_T.xh", where)
+        if x.shape != xh.shape or x.dtype != xh.dtype:
+            raise ValueError(
+                f"{where}: the RexLatent's x and xh differ in shape or dtype: "
+                f"{x.shape} {x.dtype} vs {xh.shape} {xh.dtype}."
+            )
+        return RexLatent(x, xh, x_T.num_steps, x_T.solver)
+    return check_state(x_T, "x_T", where)
+
+
 def check_model(eps_fn, params, x, t, z, where: str):
     try:
         out = jax.eval_shape(eps_fn, params, x, t, z)
@@ -177,17 +202,19 @@ def prepare_noise(solver: AbstractSolver, key, noise, n: int, x, where: str):
     if key is None and noise is None:
         raise ValueError(
             f"{where}: the SDE sampler {type(solver).__name__} needs randomness: pass "
-            f"key=jax.random.key(seed), or noise= an array of shape (N,) + x_T.shape = "
-            f"{(n,) + x.shape}."
+            f"key=jax.random.key(seed), or noise= an array of shape "
+            f"{(n,) + solver.noise_shape(x.shape)}."
         )
     if key is not None and noise is not None:
         raise ValueError(f"{where}: pass either key or noise, not both.")
     if noise is not None:
         noise = jnp.asarray(noise)
-        if noise.shape != (n,) + x.shape:
+        want = (n,) + solver.noise_shape(x.shape)
+        if noise.shape != want:
+            what = "(N,) + x_T.shape" if want == (n,) + x.shape else "(N,) + noise_shape"
             raise ValueError(
-                f"{where}: noise must have shape (N,) + x_T.shape = {(n,) + x.shape}, got "
-                f"{noise.shape}."
+                f"{where}: noise must have shape {what} = {want} for "
+                f"{type(solver).__name__}, got {noise.shape}."
             )
         return "array", noise
     if isinstance(key, (int, np.integer)):
@@ -216,7 +243,7 @@ def check_problem_model(problem, args, where: str, x=None, t_index: int = 0):
     entry point (once per compilation, not on every call)."""
     from ._solver.base import model_time_dtype
 
-    x = args.x_T if x is None else x
+    x = problem.solver.output(problem.solver.init(args.x_T)) if x is None else x
     z = args.z
     if problem.per_step_z:
         z = jax.tree.map(lambda v: v[0], z.values)

@@ -2,3 +2,4 @@ from .backprop import Backprop as Backprop
 from .base import AbstractAdjoint as AbstractAdjoint
 from .deis import AdjointDEIS as AdjointDEIS
 from .discrete import DiscreteAdjoint as DiscreteAdjoint
+from .reversible import ReversibleAdjoint as ReversibleAdjoint

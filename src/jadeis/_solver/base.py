@@ -166,6 +166,11 @@ class AbstractSolver(eqx.Module):
         """The sample held by ``state``."""
         return state[0]
 
+    def noise_shape(self, shape: tuple) -> tuple:
+        """Shape of the standard Gaussian noise ``xi`` of one step for a sample of ``shape``
+        (SDE solvers that need more than one draw per step, such as ShARK, override it)."""
+        return tuple(shape)
+
 
 class AbstractLinearMultistepSolver(AbstractSolver):
     """Linear multistep exponential integrators: x' = a x + sum_j b_j m_{i-j} + c xi.
