@@ -393,7 +393,7 @@ def test_solve_adjoint_matches_sample(z_kind):
 
 
 def test_solve_adjoint_sde_trajectory_matches_sample():
-    """solve_adjoint(sde=True, trajectory=) along an SDE path equals sample's AdjointDEIS
+    """solve_adjoint(solver=<SDE solver>, trajectory=) along an SDE path equals sample's AdjointDEIS
     gradient with the same noise."""
     solver = jadeis.SDEDPMSolver()
     noise = jax.random.normal(jax.random.key(3), (N,) + X_T.shape, jnp.float64)
@@ -420,7 +420,7 @@ def test_solve_adjoint_sde_trajectory_matches_sample():
             schedule=SCH,
             ts=TS,
             trajectory=traj,
-            sde=True,
+            solver=solver,
             adjoint=adj,
         )
         return res, _grads(solver, adj, Z, noise=noise)

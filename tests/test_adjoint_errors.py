@@ -15,6 +15,7 @@ N = 5
 TS = jadeis.time_grid(SCH, N)
 X = jnp.ones((2, 3))
 TRAJ = jnp.ones((N + 1, 2, 3))
+DEIS = jadeis.AdjointDEIS(order=2)
 
 
 def eps_fn(params, x, t, z):
@@ -39,7 +40,7 @@ def sample(**kw):
     [
         # grad_x0 of the wrong shape, with either source of states
         (lambda: solve(jnp.ones((2, 4)), trajectory=TRAJ), ["grad_x0", "(2, 3)", "(2, 4)"]),
-        (lambda: solve(jnp.ones((2, 4)), x_0=X), ["grad_x0", "(2, 3)", "(2, 4)"]),
+        (lambda: solve(jnp.ones((2, 4)), x_0=X, adjoint=DEIS), ["grad_x0", "(2, 3)", "(2, 4)"]),
         # both or neither of trajectory / x_0
         (lambda: solve(trajectory=TRAJ, x_0=X), ["trajectory=", "x_0=", "both"]),
         (lambda: solve(), ["trajectory=", "x_0=", "neither"]),
@@ -72,7 +73,7 @@ def sample(**kw):
             ),
             ["trajectory='reconstruct'", "SDEDPMSolverPP"],
         ),
-        (lambda: solve(x_0=X, sde=True), ["x_0=", "trajectory="]),
+        (lambda: solve(x_0=X, adjoint=DEIS, solver=jadeis.SDEDPMSolver()), ["x_0=", "trajectory="]),
         # per-step z whose length does not match N (sample, solve_adjoint, ConditioningFn ok)
         (lambda: sample(z=jadeis.PerStep(jnp.ones(N + 1))), ["z", "PerStep", "N = 5", "(6,)"]),
         (
@@ -81,7 +82,14 @@ def sample(**kw):
         ),
         (
             lambda: jadeis.solve_adjoint(
-                eps_fn, 0.5, jadeis.PerStep(jnp.ones(N - 1)), X, schedule=SCH, ts=TS, x_0=X
+                eps_fn,
+                0.5,
+                jadeis.PerStep(jnp.ones(N - 1)),
+                X,
+                schedule=SCH,
+                ts=TS,
+                x_0=X,
+                adjoint=DEIS,
             ),
             ["z", "PerStep", "N = 5", "(4,)"],
         ),
@@ -101,19 +109,19 @@ def sample(**kw):
         (lambda: sample(adjoint="deis"), ["adjoint", "'deis'"]),
         (lambda: solve(trajectory=TRAJ, adjoint="deis"), ["adjoint", "'deis'"]),
         (lambda: solve(trajectory=TRAJ, adjoint=jadeis.Backprop()), ["Backprop", "adjoint="]),
-        (lambda: solve(trajectory=TRAJ, adjoint=jadeis.DiscreteAdjoint()), ["solver="]),
+        # a trajectory that is not a path of the solver (here: constant states)
+        (
+            lambda: solve(trajectory=TRAJ, adjoint=jadeis.DiscreteAdjoint()),
+            ["solver=", "trajectory[0]"],
+        ),
         (
             lambda: solve(x_0=X, adjoint=jadeis.DiscreteAdjoint(), solver=jadeis.DDIM()),
             ["DiscreteAdjoint", "trajectory="],
         ),
         (
             lambda: solve(
-                trajectory=TRAJ, adjoint=jadeis.DiscreteAdjoint(), solver=jadeis.DDIM(), sde=True
+                trajectory=TRAJ, adjoint=jadeis.AdjointDEIS(steps=3), solver=jadeis.SDEDPMSolver()
             ),
-            ["sde=True", "DDIM"],
-        ),
-        (
-            lambda: solve(trajectory=TRAJ, adjoint=jadeis.AdjointDEIS(steps=3), sde=True),
             ["SDE sampler", "steps must be None"],
         ),
     ],
@@ -134,3 +142,76 @@ def test_errors_raise_under_grad_and_jit():
         jax.grad(lambda v: jnp.sum(sample(z=jadeis.PerStep(v))))(bad.values)
     with pytest.raises(ValueError, match="grad_x0"):
         jax.jit(lambda g: solve(g, trajectory=TRAJ).x_T)(jnp.ones((2, 4)))
+
+
+def test_sde_argument_deprecated_and_checked():
+    """sde= still works but warns; a value disagreeing with solver= is an error."""
+    traj = jadeis.sample_trajectory(
+        eps_fn,
+        0.5,
+        X,
+        0.1,
+        schedule=SCH,
+        ts=TS,
+        solver=jadeis.SDEDPMSolver(),
+        key=jax.random.key(0),
+    )
+    with pytest.warns(DeprecationWarning, match="sde="):
+        old = solve(traj[-1], trajectory=traj, sde=True, adjoint=DEIS)
+    new = solve(traj[-1], trajectory=traj, solver=jadeis.SDEDPMSolver(), adjoint=DEIS)
+    assert jnp.allclose(old.x_T, new.x_T)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="sde=True.*DDIM"):
+        solve(traj[-1], trajectory=traj, solver=jadeis.DDIM(), sde=True)
+
+
+# a state of 1024 numbers: enough to tell Gaussian noise from an ODE step's residual
+XL = jax.random.normal(jax.random.key(2), (16, 64))
+
+
+def _paths():
+    ode = jadeis.sample_trajectory(eps_fn, 0.5, XL, 0.1, schedule=SCH, ts=TS)
+    sde = jadeis.sample_trajectory(
+        eps_fn,
+        0.5,
+        XL,
+        0.1,
+        schedule=SCH,
+        ts=TS,
+        solver=jadeis.SDEDPMSolverPP(),
+        key=jax.random.key(1),
+    )
+    return ode, sde
+
+
+@pytest.mark.parametrize("adjoint", [jadeis.DiscreteAdjoint(), DEIS], ids=["discrete", "deis"])
+def test_trajectory_must_match_solver_and_ts(adjoint):
+    """solve_adjoint's defaults match sample's, and a trajectory that is not a path of the
+    solver on ts (reversed, another grid, an SDE path with an ODE solver = a forgotten
+    sde=True, an ODE path with an SDE solver) is refused with a clear error."""
+    ode, sde = _paths()
+    # defaults (DiscreteAdjoint, DPMSolverPP(2)) equal sample's gradient
+    g = jax.grad(lambda x: jnp.sum(jadeis.sample(eps_fn, 0.5, x, 0.1, schedule=SCH, ts=TS) ** 2))(
+        XL
+    )
+    if isinstance(adjoint, jadeis.DiscreteAdjoint):
+        res = jadeis.solve_adjoint(
+            eps_fn, 0.5, 0.1, 2 * ode[-1], schedule=SCH, ts=TS, trajectory=ode
+        )
+        assert jnp.allclose(res.x_T, g, rtol=1e-10)
+    sde_solver = jadeis.SDEDPMSolverPP()
+    ts2 = TS * 0.9 + 0.1 * TS[-1]
+    cases = {
+        "reversed": dict(trajectory=ode[::-1]),
+        "other grid": dict(trajectory=ode, ts=ts2),
+        "forgotten sde": dict(trajectory=sde),
+        "ode path, sde solver": dict(trajectory=ode, solver=sde_solver),
+        "reversed sde": dict(trajectory=sde[::-1], solver=sde_solver),
+    }
+    for name, kw in cases.items():
+        with pytest.raises(ValueError, match="trajectory") as info:
+            solve(kw["trajectory"][-1], adjoint=adjoint, **kw)
+        msg = str(info.value)
+        assert "solver=" in msg and "check_trajectory=False" in msg, (name, msg)
+    # the correct SDE path is accepted, and the check can be turned off
+    solve(sde[-1], trajectory=sde, solver=sde_solver, adjoint=adjoint)
+    solve(ode[-1], trajectory=ode[::-1], adjoint=adjoint, check_trajectory=False)

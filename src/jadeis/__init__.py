@@ -10,7 +10,18 @@ from ._adjoint import (
 from ._conditioning import ConditioningFn as ConditioningFn, PerStep as PerStep
 from ._encode import encode_ode as encode_ode, encode_sde as encode_sde
 from ._grid import diffusers_timesteps as diffusers_timesteps, time_grid as time_grid
-from ._guidance import GuideResult as GuideResult, guide as guide
+from ._guidance import (
+    AbstractLoss as AbstractLoss,
+    ChiPrior as ChiPrior,
+    Guidance as Guidance,
+    GuideResult as GuideResult,
+    GuideState as GuideState,
+    Loss as Loss,
+    NormPrior as NormPrior,
+    WeightedSum as WeightedSum,
+    guide as guide,
+    sphere_projection as sphere_projection,
+)
 from ._learned_grid import LearnedGrid as LearnedGrid, learn_time_grid as learn_time_grid
 from ._parameterisation import as_eps_fn as as_eps_fn
 from ._sample import (

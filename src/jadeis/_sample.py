@@ -15,7 +15,8 @@ from ._adjoint import AbstractAdjoint, AdjointDEIS, DiscreteAdjoint  # noqa: F40
 from ._conditioning import ConditioningFn
 from ._core import Args, Problem
 from ._schedule import AbstractSchedule
-from ._solver import AbstractSolver, DPMSolver, DPMSolverPP, RexLatent, SDEDPMSolver
+from ._solver import AbstractSolver, DPMSolverPP, RexLatent, SDEDPMSolver
+from ._trajectory_check import check_trajectory as check_trajectory_of
 
 
 def sample(
@@ -192,9 +193,10 @@ def solve_adjoint(
     ts,
     trajectory=None,
     x_0=None,
-    adjoint: AbstractAdjoint = AdjointDEIS(order=2),
-    sde: bool = False,
+    adjoint: AbstractAdjoint = DiscreteAdjoint(),
     solver: AbstractSolver | None = None,
+    sde: bool | None = None,
+    check_trajectory: bool = True,
 ) -> AdjointResult:
     r"""Backpropagate ``grad_x0 = dL/dx_0`` through sampling, for a forward pass run elsewhere.
 
@@ -202,17 +204,26 @@ def solve_adjoint(
 
     - `eps_fn`, `params`, `z`, `schedule`, `ts`: as in :func:`sample`.
     - `grad_x0`: dL/dx_0, shape of x_0.
-    - `trajectory`: the N + 1 states at every time of ``ts`` (as
-      ``sample(..., return_trajectory=True)`` returns them); or
+    - `trajectory`: the N + 1 states at every time of ``ts``, from ``ts[0]`` to ``ts[-1]``
+      (as :func:`sample_trajectory` returns them); or
     - `x_0`: only the final sample: the states are reconstructed by solving the
       probability-flow ODE backwards (AdjointDEIS only, ODE only). Give exactly one.
-    - `adjoint`: the gradient strategy: ``AdjointDEIS(...)`` (default order 2) or
-      ``DiscreteAdjoint()`` (needs ``trajectory`` and the ``solver`` that produced it).
-      The strategy does the work (``adjoint.solve``); a new strategy needs no change here.
-    - `sde`: the trajectory was sampled with an SDE sampler: solve the SDE adjoint along it.
-    - `solver`: the sampler of the forward pass (``DiscreteAdjoint``; also used to re-solve
-      the states when ``AdjointDEIS(steps=M)`` differs from the grid, default the
-      multistep ``DPMSolver`` of the adjoint's order).
+    - `adjoint`: the gradient strategy, as in :func:`sample` (default ``DiscreteAdjoint()``,
+      exact for ``solver``; needs ``trajectory``), or ``AdjointDEIS(...)`` (the continuous
+      adjoint; also from ``x_0`` alone). The strategy does the work (``adjoint.solve``); a
+      new strategy needs no change here.
+    - `solver`: the sampler of the forward pass, as in :func:`sample` (``None``: sample's
+      default ``DPMSolverPP(order=2)``). Whether the path is an SDE path is taken from it
+      (``solver.stochastic``): pass e.g. ``SDEDPMSolverPP()`` for a trajectory sampled with
+      it. AdjointDEIS also uses it to re-solve the states when ``steps=M`` differs from N.
+    - `sde`: deprecated; implied by ``solver``. ``sde=True`` without ``solver`` means
+      ``SDEDPMSolver()``; a value that disagrees with ``solver`` is an error.
+    - `check_trajectory`: check, when the inputs are concrete (not under ``jit``), that
+      ``trajectory`` is a path of ``solver`` on ``ts``: its first and last steps are re-run
+      (at most 1 + order model evaluations each) and must reproduce the next state (ODE), or
+      imply plausible standard Gaussian noise (SDE). A reversed trajectory, another grid,
+      or an SDE path given with an ODE solver are rejected with a ``ValueError``. Turn it
+      off for a path from a sampler other than ``solver`` (AdjointDEIS only).
 
     **Returns:** an :class:`AdjointResult` with fields ``x_T``, ``z``, ``params``.
 
@@ -225,9 +236,8 @@ def solve_adjoint(
     >>> ts = jadeis.time_grid(sch, 20)
     >>> eps_fn = lambda params, x, t, z: params * x + z
     >>> x_T = jnp.ones((2, 3))
-    >>> x_0, traj = jadeis.sample(eps_fn, 0.5, x_T, 0.1, schedule=sch, ts=ts,
-    ...                           return_trajectory=True)
-    >>> g = jadeis.solve_adjoint(eps_fn, 0.5, 0.1, 2 * x_0, schedule=sch, ts=ts,
+    >>> traj = jadeis.sample_trajectory(eps_fn, 0.5, x_T, 0.1, schedule=sch, ts=ts)
+    >>> g = jadeis.solve_adjoint(eps_fn, 0.5, 0.1, 2 * traj[-1], schedule=sch, ts=ts,
     ...                          trajectory=traj)
     >>> g.x_T.shape
     (2, 3)
@@ -245,7 +255,23 @@ def solve_adjoint(
             f"{'both' if trajectory is not None else 'neither'}."
         )
     adjoint.check_solve(trajectory is not None)
-    if x_0 is not None and (sde or (solver is not None and solver.stochastic)):
+    if sde is not None:
+        warnings.warn(
+            f"{where}(sde=...) is deprecated: whether the trajectory is an SDE path is taken "
+            f"from solver= (e.g. solver=jadeis.SDEDPMSolverPP()).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+    if solver is None:
+        solver = SDEDPMSolver() if sde else DPMSolverPP(order=2)
+    V.check_solver(solver, where)
+    if sde is not None and bool(sde) != solver.stochastic:
+        raise ValueError(
+            f"{where}: sde={sde} disagrees with the solver {type(solver).__name__}, which is "
+            f"an {'SDE' if solver.stochastic else 'ODE'} sampler; drop sde= (it is implied "
+            f"by solver=)."
+        )
+    if x_0 is not None and solver.stochastic:
         raise ValueError(
             f"{where}: the SDE adjoint runs along the sampled path: pass trajectory=, not x_0= "
             f"(the path cannot be reconstructed)."
@@ -274,19 +300,15 @@ def solve_adjoint(
     grad_x0 = grad_x0.astype(ref.dtype)
     z_in = z
     z, per_step, _ = V.prepare_z(z, ts, where)
-    if solver is None:
-        if not isinstance(adjoint, AdjointDEIS):
-            raise ValueError(
-                f"{where}: {type(adjoint).__name__} needs trajectory= and solver= (the sampler "
-                f"that produced the trajectory)."
-            )
-        solver = SDEDPMSolver() if sde else DPMSolver(order=adjoint.order)
-    V.check_solver(solver, where)
-    if solver.stochastic != sde:
-        raise ValueError(f"{where}: sde={sde} disagrees with the solver {type(solver).__name__}.")
     problem = Problem(eps_fn, solver, adjoint, per_step, "none", False)
     adjoint.check(problem, n)
     args = Args(params, ref if trajectory is None else trajectory[0], z, schedule, ts, None)
+    if (
+        check_trajectory
+        and trajectory is not None
+        and all(V.is_concrete(v) for v in jax.tree.leaves((args, trajectory)))
+    ):
+        check_trajectory_of(problem, args, trajectory, where)
     cts = _solve(problem, args, trajectory, x_0, grad_x0, V.checked_eagerly(ts, schedule))
     zbar = cts.z
     if isinstance(z_in, ConditioningFn):

@@ -9,7 +9,9 @@ a small array, never to the sampler's state (so a sharded batch is never gathere
 
 from __future__ import annotations
 
-import equinox as eqx
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,11 +81,54 @@ def check_ts(ts, schedule: AbstractSchedule, where: str):
     return ts
 
 
+_TS_PRECHECKED = contextvars.ContextVar("jadeis_ts_prechecked", default=False)
+
+
+@contextlib.contextmanager
+def ts_prechecked():
+    """Within this block (at trace time), a traced ``ts`` counts as already checked: for
+    library functions that validated ``ts`` eagerly and then trace ``sample`` with it (so
+    their compiled programs hold no host callback)."""
+    token = _TS_PRECHECKED.set(True)
+    try:
+        yield
+    finally:
+        _TS_PRECHECKED.reset(token)
+
+
 def checked_eagerly(ts, schedule: AbstractSchedule) -> bool:
     """Whether :func:`check_ts` could check the values of ``ts`` on the host (``ts`` and the
     schedule are concrete); then the jit-compiled functions skip :func:`check_ts_traced`,
     so that they contain no host callback at all."""
+    if _TS_PRECHECKED.get():
+        return True
     return is_concrete(ts) and all(is_concrete(v) for v in jax.tree.leaves(schedule))
+
+
+def _raise_if(flags, messages):
+    flags = np.asarray(flags)
+    for j, message in enumerate(messages):
+        if np.any(flags[..., j]):
+            raise ValueError(message)
+
+
+def runtime_check(x, conditions):
+    """Raise ``ValueError(message)`` at run time for the first true ``(predicate, message)``
+    of ``conditions``; returns ``x``.
+
+    Unlike ``equinox.error_if`` under a user's ``jax.jit`` (a ~20-line "INTERNAL:
+    CpuCallback error" with a traceback), the error text ends in one line
+    ``ValueError: <message>``. The host callback runs only when a predicate is true
+    (``lax.cond``); under ``vmap`` the flags are checked on the host.
+    """
+    preds = jnp.stack([jnp.asarray(p) for p, _ in conditions], axis=-1)
+    messages = tuple(m for _, m in conditions)
+
+    def fire(preds):
+        jax.debug.callback(_raise_if, preds, messages)
+
+    jax.lax.cond(jnp.any(preds), fire, lambda preds: None, preds)
+    return x
 
 
 def check_ts_traced(ts, schedule: AbstractSchedule, where: str):
@@ -92,25 +137,23 @@ def check_ts_traced(ts, schedule: AbstractSchedule, where: str):
         return ts
     lo = jnp.asarray(schedule.t_min, ts.dtype)
     hi = jnp.asarray(schedule.t_max, ts.dtype)
-    ts = eqx.error_if(
-        ts,
-        jnp.any(~jnp.isfinite(ts)),
-        f"{where}: ts has non-finite values (NaN or inf).",
-    )
-    ts = eqx.error_if(
-        ts,
-        jnp.any(ts[1:] >= ts[:-1]),
-        f"{where}: ts must be strictly decreasing (sampling runs from t_max down to t_min); "
-        f"use jadeis.time_grid(schedule, n).",
-    )
     below = (ts < lo).at[-1].set((ts[-1] < lo) & (ts[-1] != 0))  # a final 0 is allowed
-    ts = eqx.error_if(
+    return runtime_check(
         ts,
-        jnp.any(below | (ts > hi)),
-        f"{where}: ts has times outside the schedule's range [t_min, t_max]; clip ts or build "
-        f"the schedule with a wider range.",
+        [
+            (jnp.any(~jnp.isfinite(ts)), f"{where}: ts has non-finite values (NaN or inf)."),
+            (
+                jnp.any(ts[1:] >= ts[:-1]),
+                f"{where}: ts must be strictly decreasing (sampling runs from t_max down to "
+                f"t_min); use jadeis.time_grid(schedule, n).",
+            ),
+            (
+                jnp.any(below | (ts > hi)),
+                f"{where}: ts has times outside the schedule's range [t_min, t_max]; clip ts or "
+                f"build the schedule with a wider range.",
+            ),
+        ],
     )
-    return ts
 
 
 def check_state(x, name: str, where: str):
@@ -219,8 +262,7 @@ def prepare_noise(solver: AbstractSolver, key, noise, n: int, x, where: str):
         return "array", noise
     if isinstance(key, (int, np.integer)):
         raise ValueError(
-            f"{where}: key must be a JAX PRNG key such as jax.random.key({key}), got the int "
-            f"{key}."
+            f"{where}: key must be a JAX PRNG key such as jax.random.key({key}), got the int {key}."
         )
     key = jnp.asarray(key)
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):

@@ -222,13 +222,17 @@ def deis_backward(
     cz_all = s_t / a_t
     coef = (
         jnp.stack(
-            [jnp.concatenate([cz_all[q:] * w[q:, q], jnp.zeros((q,), w.dtype)]) for q in range(k)],
+            # (a grid of m < k steps: the missing terms are zero; pad to length m)
+            [
+                jnp.concatenate([cz_all[q:] * w[q:, q], jnp.zeros((min(q, m),), w.dtype)])
+                for q in range(k)
+            ],
             axis=1,
         )
         * (kappa * a_s)[:, None]
     )
     coef_idx = jnp.stack(
-        [jnp.concatenate([idx[q:], jnp.full((q,), idx[-1], idx.dtype)]) for q in range(k)],
+        [jnp.concatenate([idx[q:], jnp.full((min(q, m),), idx[-1], idx.dtype)]) for q in range(k)],
         axis=1,
     )
     recon_solver = DPMSolver(

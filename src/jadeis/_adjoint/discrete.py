@@ -237,7 +237,7 @@ def _linear_backward(problem: Problem, args: Args, xs, x0_bar, traj_bar, grid: b
         a_bar, d, c_bar, t_bar, al_bar, si_bar = ys_grid
         cols = []
         for q in range(inputs.b.shape[1]):
-            if q < k:
+            if q < min(k, n):  # (a grid of n <= q steps never uses column q)
                 cols.append(jnp.concatenate([jnp.zeros((q,), dtype), d[: n - q, q]]))
             else:
                 cols.append(jnp.zeros((n,), dtype))
