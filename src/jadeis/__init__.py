@@ -1,4 +1,34 @@
-"""jadeis: gradients through diffusion sampling in JAX (AdjointDEIS and exact discrete adjoints)."""
+"""jadeis: gradients through diffusion sampling in JAX (AdjointDEIS and exact discrete adjoints).
+
+Optimise what goes into a diffusion sampler (the initial noise ``x_T``, the conditioning
+``z``, the model parameters, the time grid) against a loss on what comes out, ``x_0``.
+The model is any function ``eps_fn(params, x, t, z) -> eps``; every entry point works
+with ``jax.grad``, ``jit`` and ``vmap``.
+
+Sampling
+    ``sample``, ``sample_trajectory``: sample from ``x_T`` at ``ts[0]`` to ``x_0`` at
+    ``ts[-1]`` (differentiable); ``solve_adjoint`` and ``AdjointResult``: the backward pass
+    for a forward pass run elsewhere.
+Solvers (``solver=``)
+    ``DDIM``, ``DPMSolver``, ``DPMSolverPP``, ``SDEDPMSolver``, ``SDEDPMSolverPP``;
+    ``AbstractSolver`` is their base class.
+Gradient strategies (``adjoint=``)
+    ``DiscreteAdjoint`` (default: the exact gradient of the sampler), ``AdjointDEIS`` (the
+    continuous adjoint), ``Backprop`` (autodiff through every step); ``AbstractAdjoint``.
+Schedules and time grids
+    ``VPLinear``, ``VPCosine``, ``DiscreteVP`` (beta tables, as in DDPM / Stable
+    Diffusion), ``RectifiedFlow``, ``VE``; ``AbstractSchedule``; ``time_grid``;
+    ``learn_time_grid`` and ``LearnedGrid``: optimise the grid itself.
+Models and conditioning
+    ``as_eps_fn`` (x0 / v / flow predictions to eps), ``PerStep`` and ``ConditioningFn``
+    (conditioning that changes over the steps).
+Guidance and encoding
+    ``guide`` and ``GuideResult``: optimisation through the sampler; ``encode_ode`` (DDIM
+    inversion) and ``encode_sde`` (exact Cycle-SDE encoding).
+
+``jadeis.digits`` (the ``demo`` extra) holds the bundled 8x8-digits model and the demo.
+Documentation: the ``docs/`` site (``mkdocs serve``), with guides and the mathematics.
+"""
 
 from ._adjoint import (
     AbstractAdjoint as AbstractAdjoint,
@@ -53,3 +83,36 @@ from ._solver import (
 )
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AbstractAdjoint",
+    "AbstractSchedule",
+    "AbstractSolver",
+    "AdjointDEIS",
+    "AdjointResult",
+    "Backprop",
+    "ConditioningFn",
+    "DDIM",
+    "DPMSolver",
+    "DPMSolverPP",
+    "DiscreteAdjoint",
+    "DiscreteVP",
+    "GuideResult",
+    "LearnedGrid",
+    "PerStep",
+    "RectifiedFlow",
+    "SDEDPMSolver",
+    "SDEDPMSolverPP",
+    "VE",
+    "VPCosine",
+    "VPLinear",
+    "as_eps_fn",
+    "encode_ode",
+    "encode_sde",
+    "guide",
+    "learn_time_grid",
+    "sample",
+    "sample_trajectory",
+    "solve_adjoint",
+    "time_grid",
+]
