@@ -367,7 +367,7 @@ def test_runtime_dependencies_are_what_the_library_imports():
     extras = py["optional-dependencies"]
     assert {"matplotlib", "scikit-learn", "flax"} <= {name(r) for r in extras["demo"]}
     assert not {"matplotlib", "scikit-learn", "flax", "diffrax"} & deps
-    assert "jadeis[demo]" in extras["test"]
+    assert any(e.startswith("jadeis[") and "demo" in e for e in extras["test"])
     stdlib = set(sys.stdlib_module_names)
     imported = set()
     for f in (ROOT / "src" / "jadeis").rglob("*.py"):

@@ -221,7 +221,9 @@ def test_unip_is_dpm_solver_pp_3m():
             jadeis.sample(oracle.eps_fn, S2, X_T, MU, schedule=VPLIN, ts=ts, solver=s)
             for s in (
                 jadeis.UniPC(order=3, corrector=False, lower_order_final=False),
-                jadeis.DPMSolverPP(order=3, lower_order_final=False, variant="midpoint"),
+                jadeis.DPMSolverPP(
+                    order=3, lower_order_final=False, variant="midpoint", warmup="lower_order"
+                ),
             )
         ]
 

@@ -294,7 +294,7 @@ def _encode_sde_rex(eps_fn, params, x_0, z, schedule, ts, solver, key, path, whe
     noise_mode, key = V.prepare_noise(solver, key, None, n, x_0, where)
     problem = Problem(eps_fn, solver, Backprop(), per_step, noise_mode, False)
     args = Args(params, x_0, z, schedule, ts, key)
-    latent = _encode_rex(problem, args)
+    latent = _encode_rex(problem, args, V.checked_eagerly(ts, schedule))
     return latent, _draw_all(problem, key, n, x_0)
 
 

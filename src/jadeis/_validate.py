@@ -61,7 +61,7 @@ def check_ts(ts, schedule: AbstractSchedule, where: str):
         )
     if not jnp.issubdtype(ts.dtype, jnp.floating):
         ts = ts.astype(jnp.result_type(float))
-    if checked_eagerly(ts, schedule):
+    if _concrete(ts, schedule):
         v = np.asarray(ts, dtype=np.float64)
         if not np.all(np.isfinite(v)):
             raise ValueError(f"{where}: ts has non-finite values (NaN or inf): {v.tolist()}.")
@@ -100,8 +100,10 @@ def checked_eagerly(ts, schedule: AbstractSchedule) -> bool:
     """Whether :func:`check_ts` could check the values of ``ts`` on the host (``ts`` and the
     schedule are concrete); then the jit-compiled functions skip :func:`check_ts_traced`,
     so that they contain no host callback at all."""
-    if _TS_PRECHECKED.get():
-        return True
+    return _TS_PRECHECKED.get() or _concrete(ts, schedule)
+
+
+def _concrete(ts, schedule) -> bool:
     return is_concrete(ts) and all(is_concrete(v) for v in jax.tree.leaves(schedule))
 
 
