@@ -19,7 +19,8 @@ images, start from the spherical interpolation of their x_T and the mean of thei
 conditionings z, and optimise (x_T, z) through sampling so that verifier a accepts the morph
 as both digits. Prints MMPMR (share of morphs accepted for both identities at 0.1% FMR) on
 the three verifiers for pixel averaging, latent interpolation, AdjointDEIS-1/-2 (ODE),
-AdjointDEIS-1 (SDE) and DiscreteAdjoint, and writes morphs.png and results.json to --out."""
+AdjointDEIS-1 (SDE), DiscreteAdjoint and Rex (exact Rex encoding, ReversibleAdjoint
+gradients), and writes morphs.png and results.json to --out."""
 
 TRAIN_DESCRIPTION = """\
 Train the bundled digits models from a seed: the conditional diffusion model and the three

@@ -29,6 +29,9 @@ from jadeis import (
     DDIM,
     AdjointDEIS,
     DiscreteAdjoint,
+    ReversibleAdjoint,
+    Rex,
+    RexLatent,
     SDEDPMSolver,
     encode_ode,
     encode_sde,
@@ -56,7 +59,12 @@ METHODS = (
     Method("adjointdeis2_ode", "AdjointDEIS-2 (ODE)", "DDIM", "AdjointDEIS(order=2)"),
     Method("adjointdeis1_sde", "AdjointDEIS-1 (SDE)", "SDE-DPM-Solver-1", "AdjointDEIS(order=1)"),
     Method("discrete", "DiscreteAdjoint", "DDIM", "DiscreteAdjoint()"),
+    Method("rex", "Rex (exact inversion)", "Rex (midpoint)", "ReversibleAdjoint()"),
 )
+#: the Rex row's solver: the default (midpoint base scheme, coupling 0.999)
+REX = Rex()
+#: model evaluations per Rex step (two applications of the base scheme)
+REX_EVALS = 2 * {"euler": 1, "midpoint": 2, "rk3": 3, "rk4": 4}[REX.scheme]
 METHOD_KEYS = tuple(m.key for m in METHODS)
 
 
@@ -232,11 +240,15 @@ def run_morphs(
 
     The optimised methods start from the spherical interpolation of the two encoded
     ``x_T`` (DDIM inversion; for the SDE, Cycle-SDE encoding and the interpolation of the
-    two noise sequences too) and the mean of the two conditionings ``z``, and minimise the
+    two noise sequences too; for ``"rex"``, exact Rex encoding, a :class:`jadeis.RexLatent`
+    whose two states are interpolated separately) and the mean of the two conditionings
+    ``z``, and minimise the
     identity loss of ``verifiers[0]`` over ``(x_T, z)`` with Adam (``lr``) for ``iters``
     iterations through ``steps`` sampling steps. NFE counts network evaluations per morph
     (a vector-Jacobian product counts as one): encoding 2N, each iteration N forward + N
-    backward, and the final sample N.
+    backward, and the final sample N; for ``"rex"`` (``REX_EVALS`` = 4 evaluations per step)
+    encoding 4N, each iteration 4N forward + 8N backward (the algebraic inverse and the VJP
+    of each step), and the final sample 4N.
 
     With ``shard=True`` the batch of morphs is split over all devices (``jax.sharding``),
     padded to a multiple of the device count; the results do not depend on the device count.
@@ -275,6 +287,13 @@ def run_morphs(
             cache["ode"] = slerp(enc(a, z_a), enc(b, z_b))
         return cache["ode"]
 
+    def latent_rex():
+        # exact encoding: each source's RexLatent maps back to the source (up to rounding);
+        # the start of the optimisation interpolates both coupled states
+        enc = lambda x, z: encode_ode(eps_fn, params, x, z, schedule=sch, ts=ts, solver=REX)
+        la, lb = enc(a, z_a), enc(b, z_b)
+        return RexLatent(slerp(la.x, lb.x), slerp(la.xh, lb.xh), la.num_steps, la.solver)
+
     loss_fn = lambda x0, ea, eb: identity_loss(embed, x0, ea, eb)
     for key in methods:
         m = next(mm for mm in METHODS if mm.key == key)
@@ -297,6 +316,9 @@ def run_morphs(
                 )
                 x_T = slerp(xa, xb)
                 kw["noise"] = jax.vmap(slerp)(na, nb_)
+            elif key == "rex":
+                solver, adjoint = REX, ReversibleAdjoint()
+                x_T = latent_rex()
             else:
                 solver = DDIM()
                 adjoint = {
@@ -325,7 +347,10 @@ def run_morphs(
                 **kw,
             )
             morphs, losses, hist = res.x_0, res.losses[:, :nb], res.x0_history
-            nfe = 2 * steps + iters * 2 * steps + steps
+            if key == "rex":
+                nfe = REX_EVALS * (2 * steps + iters * 3 * steps)
+            else:
+                nfe = 2 * steps + iters * 2 * steps + steps
         morphs = jnp.asarray(morphs)
         n_dev = len(morphs.sharding.device_set)
         accepted = _accepted(verifiers, morphs, a, b)[:, :nb]
