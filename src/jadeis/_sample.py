@@ -168,7 +168,7 @@ def _sample(problem: Problem, args: Args, check_finite: bool, ts_checked: bool):
     if check_finite:
         x_0 = eqx.error_if(
             x_0,
-            ~jnp.all(jnp.isfinite(x_0)),
+            ~jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(x_0)])),
             f"{where}: sampling produced non-finite values; check eps_fn and the time grid "
             f"(t near a schedule end point where alpha or sigma vanish).",
         )
