@@ -46,7 +46,9 @@ def sample(
     - `eps_fn`: the noise-prediction model ``eps_fn(params, x, t, z) -> eps`` with the
       shape and dtype of ``x`` (use :func:`jadeis.as_eps_fn` for x0/v/flow models).
     - `params`: the model parameters (any pytree).
-    - `x_T`: initial noise, any shape (typically a leading batch axis).
+    - `x_T`: initial noise, any shape (typically a leading batch axis); or a pytree of
+      arrays sharing one floating dtype (e.g. ``{"image": ..., "audio": ...}`` latents
+      sampled together), which ``eps_fn`` then receives and returns.
     - `z`: conditioning (any pytree, or ``None``); a :class:`jadeis.PerStep` or
       :class:`jadeis.ConditioningFn` for conditioning that varies over the steps.
     - `schedule`: the noise schedule.
@@ -55,9 +57,12 @@ def sample(
     - `adjoint`: the gradient strategy: ``DiscreteAdjoint()`` (default: exact gradient of
       this sampler, memory N x |x|), ``AdjointDEIS(order, steps, trajectory)`` (continuous
       adjoint; ``trajectory="reconstruct"`` for memory independent of N) or ``Backprop()``.
-    - `key`: PRNG key for SDE samplers (step i uses ``fold_in(key, i)``).
+    - `key`: PRNG key for SDE samplers (step i uses ``fold_in(key, i)``; for a pytree
+      ``x_T``, leaf j of step i uses ``fold_in(fold_in(key, i), j)``, leaves in
+      ``jax.tree.leaves`` order).
     - `noise`: alternatively, the Gaussian noise of every step, shape ``(N,) + x_T.shape``
-      (then gradients with respect to it are available too).
+      (a pytree like ``x_T`` with a leading N on each leaf for a pytree state; then
+      gradients with respect to it are available too).
     - `return_trajectory`: also return the N + 1 states at every time of ``ts``.
     - `check_finite`: raise if ``x_T`` or the result is not finite (a traced check on the
       state; off by default because it synchronises with the host).
@@ -116,7 +121,8 @@ def sample_trajectory(
 ):
     r"""Like :func:`sample`, but returns the N + 1 states at every time of ``ts``.
 
-    The result has shape ``(N + 1,) + x_T.shape``; its first entry is ``x_T`` and its last
+    The result has shape ``(N + 1,) + x_T.shape`` (for a pytree ``x_T``, the same pytree
+    with a leading N + 1 axis on each leaf); its first entry is ``x_T`` and its last
     ``x_0``. Gradients flow through every state (with every strategy). This is what
     :func:`solve_adjoint` takes as ``trajectory=``.
 
@@ -203,7 +209,8 @@ def solve_adjoint(
     **Arguments:**
 
     - `eps_fn`, `params`, `z`, `schedule`, `ts`: as in :func:`sample`.
-    - `grad_x0`: dL/dx_0, shape of x_0.
+    - `grad_x0`: dL/dx_0, shape of x_0 (a pytree like x_0 for a pytree state; then
+      ``trajectory`` is that pytree with a leading N + 1 axis on each leaf).
     - `trajectory`: the N + 1 states at every time of ``ts``, from ``ts[0]`` to ``ts[-1]``
       (as :func:`sample_trajectory` returns them); or
     - `x_0`: only the final sample: the states are reconstructed by solving the
