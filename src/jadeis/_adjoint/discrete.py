@@ -197,7 +197,7 @@ def _linear_backward(problem: Problem, args: Args, xs, x0_bar, traj_bar, grid: b
         if k > 1:
             m_bar = tm(jnp.add, m_bar, pend[0])
         new_pend = tuple(
-            tm(lambda v: inp.b[j + 1] * v, xbar) if j + 1 >= k - 1
+            tm(lambda v, j=j: inp.b[j + 1] * v, xbar) if j + 1 >= k - 1
             else tm(lambda p, v, j=j: p + inp.b[j + 1] * v, pend[j + 1], xbar)
             for j in range(k - 1)
         )
