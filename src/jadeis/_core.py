@@ -37,7 +37,7 @@ class Args(NamedTuple):
     z: Any
     schedule: Any
     ts: Any
-    noise: Any  # None, raw key data, or an (N,) + x_T.shape array
+    noise: Any  # None, raw key data, or an (N,) + x_T.shape array (a pytree like x_T)
 
 
 def bind_model(problem: Problem, params, z_i) -> Callable:
@@ -68,18 +68,45 @@ def normal_like(key, x):
     return jax.random.normal(key, x.shape, x.dtype)
 
 
+def is_array(x) -> bool:
+    """Whether a state is a single array (else a pytree of arrays)."""
+    return isinstance(x, jax.Array)
+
+
+def state_dtype(x):
+    """The dtype of a state: of the array, or of the (common) dtype of a pytree's leaves."""
+    if hasattr(x, "dtype"):
+        return x.dtype
+    return jax.tree.leaves(x)[0].dtype
+
+
+def _leaf_noise(solver, key, x):
+    shape = solver.noise_shape(x.shape)
+    if shape == x.shape:
+        return normal_like(key, x)
+    return jax.random.normal(key, shape, x.dtype)
+
+
 def draw_noise(problem: Problem, noise, i, x):
-    """Gaussian noise of step ``i`` (None for ODE solvers): from the key folded with ``i``,
-    or row ``i`` of the supplied array."""
+    """Gaussian noise of step ``i`` (None for ODE solvers): from the key folded with ``i``
+    (for a pytree state, leaf ``j`` of step ``i`` uses ``fold_in(fold_in(key, i), j)``), or
+    row ``i`` of the supplied array (of each leaf of the supplied pytree)."""
     if not problem.solver.stochastic:
         return None
     if problem.noise_mode == "key":
         key = jax.random.wrap_key_data(noise)
-        shape = problem.solver.noise_shape(x.shape)
-        if shape == x.shape:
-            return normal_like(jax.random.fold_in(key, i), x)
-        return jax.random.normal(jax.random.fold_in(key, i), shape, x.dtype)
-    return noise[i].astype(x.dtype)
+        if is_array(x):
+            return _leaf_noise(problem.solver, jax.random.fold_in(key, i), x)
+        leaves, treedef = jax.tree.flatten(x)
+        key_i = jax.random.fold_in(key, i)
+        return jax.tree.unflatten(treedef, [
+            _leaf_noise(problem.solver, jax.random.fold_in(key_i, j), v)
+            for j, v in enumerate(leaves)
+        ])
+    if is_array(noise):
+        return noise[i].astype(x.dtype)
+    dtype = state_dtype(x)
+    return jax.tree.map(lambda v: v[i].astype(dtype), noise)
 
 
 def solver_inputs(problem: Problem, schedule, ts, dtype):
@@ -91,7 +118,9 @@ def step_fn(problem: Problem, params, z, i, inp, state, noise, x_dtype):
     """Step ``i`` of the solver with the model, conditioning and noise of that step."""
     solver = problem.solver
     model = bind_model(problem, params, z_at(z, i, problem.per_step_z))
-    xi = draw_noise(problem, noise, i, solver.output(state).astype(x_dtype))
+    x = solver.output(state)
+    x = x.astype(x_dtype) if is_array(x) else jax.tree.map(lambda v: v.astype(x_dtype), x)
+    xi = draw_noise(problem, noise, i, x)
     return solver.step(model, inp, state, xi)
 
 
@@ -109,7 +138,7 @@ def forward(problem: Problem, args: Args, *, save: str | None = None):
     """
     solver = problem.solver
     params, x_T, z, schedule, ts, noise = args
-    dtype = x_T.dtype
+    dtype = state_dtype(x_T)
     inputs = solver_inputs(problem, schedule, ts, dtype)
     n = num_steps(ts)
 
@@ -130,4 +159,6 @@ def forward(problem: Problem, args: Args, *, save: str | None = None):
 
 def with_final(saved_x, x_0):
     """The (N + 1)-state trajectory from the N saved starting states and x_0."""
-    return jax.numpy.concatenate([saved_x, x_0[None]], axis=0)
+    return jax.tree.map(
+        lambda s, x: jax.numpy.concatenate([s, x[None]], axis=0), saved_x, x_0
+    )

@@ -13,7 +13,16 @@ from jax import lax
 from . import _validate as V
 from ._adjoint import Backprop
 from ._conditioning import PerStep, z_at
-from ._core import Args, Problem, bind_model, draw_noise, forward, normal_like, with_final
+from ._core import (
+    Args,
+    Problem,
+    bind_model,
+    draw_noise,
+    forward,
+    normal_like,
+    state_dtype,
+    with_final,
+)
 from ._schedule import AbstractSchedule
 from ._solver import DDIM, AbstractSolver, RexLatent, SDEDPMSolver
 from ._solver.rex import AbstractRex
@@ -88,6 +97,7 @@ def encode_ode(
             f"{type(solver).__name__}; for SDE samplers use jadeis.encode_sde."
         )
     x_0, z, per_step, ts = _prepare(eps_fn, params, x_0, z, schedule, ts, solver, where)
+    V.check_pytree_solver(x_0, solver, "x_0", where)
     problem = Problem(eps_fn, solver, Backprop(), per_step, "none", return_trajectory)
     if isinstance(solver, AbstractRex):
         return _encode_rex(problem, Args(params, x_0, z, schedule, ts, None),
@@ -133,7 +143,7 @@ def _encode_ode(problem, args, ts_checked):
     args = args._replace(z=z, ts=ts[::-1])
     x_T, saved, _ = forward(problem, args, save="x" if problem.return_trajectory else None)
     if problem.return_trajectory:
-        return x_T, with_final(saved, x_T)[::-1]
+        return x_T, jax.tree.map(lambda v: v[::-1], with_final(saved, x_T))
     return x_T
 
 
@@ -206,7 +216,20 @@ def encode_sde(
         )
     x_0, z, per_step, ts = _prepare(eps_fn, params, x_0, z, schedule, ts, solver, where)
     n = ts.shape[0] - 1
-    if path is not None:
+    if path is not None and not isinstance(x_0, jax.Array):
+        try:
+            path = jax.tree.map(lambda v, p: jnp.asarray(p), x_0, path)
+            ok = all(p.shape == (n + 1,) + v.shape
+                     for p, v in zip(jax.tree.leaves(path), jax.tree.leaves(x_0)))
+        except (ValueError, TypeError):
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"{where}: path must be a pytree of x_0's structure with leaves of shape "
+                f"(N + 1,) + leaf shape = "
+                f"{jax.tree.map(lambda v: (n + 1,) + v.shape, x_0)}."
+            )
+    elif path is not None:
         path = jnp.asarray(path)
         if path.shape != (n + 1,) + x_0.shape:
             raise ValueError(
@@ -227,11 +250,11 @@ def _encode_sde(problem, args, key, path, ts_checked):
     if not ts_checked:
         ts = V.check_ts_traced(ts, schedule, "encode_sde")
     solver = problem.solver
-    dtype = x_0.dtype
+    dtype = state_dtype(x_0)
     if path is None:
         path = _posterior_path(schedule, ts, x_0, jax.random.wrap_key_data(key))
     else:
-        path = path.astype(dtype).at[-1].set(x_0)
+        path = jax.tree.map(lambda p, x: p.astype(dtype).at[-1].set(x), path, x_0)
 
     def body(state, inp):
         i, row, x_next = inp
@@ -241,8 +264,10 @@ def _encode_sde(problem, args, key, path, ts_checked):
 
     n = ts.shape[0] - 1
     inputs = solver.inputs(schedule, ts, dtype)
-    _, noise = lax.scan(body, solver.init(path[0]), (jnp.arange(n), inputs, path[1:]))
-    return path[0], noise
+    first = jax.tree.map(lambda v: v[0], path)
+    rest = jax.tree.map(lambda v: v[1:], path)
+    _, noise = lax.scan(body, solver.init(first), (jnp.arange(n), inputs, rest))
+    return first, noise
 
 
 def cast(v, dtype):
@@ -250,7 +275,14 @@ def cast(v, dtype):
 
 
 def _posterior_path(schedule, ts, x_0, key):
-    """x_{t_0} ~ q(. | x_0 at t_N); x_{t_{i+1}} ~ q(. | x_{t_i}, x_0); x_{t_N} = x_0."""
+    """x_{t_0} ~ q(. | x_0 at t_N); x_{t_{i+1}} ~ q(. | x_{t_i}, x_0); x_{t_N} = x_0.
+    For a pytree ``x_0``, leaf ``j`` draws its path with ``fold_in(key, j)``."""
+    if not isinstance(x_0, jax.Array):
+        leaves, treedef = jax.tree.flatten(x_0)
+        return jax.tree.unflatten(treedef, [
+            _posterior_path(schedule, ts, v, jax.random.fold_in(key, j))
+            for j, v in enumerate(leaves)
+        ])
     dtype = x_0.dtype
     n = ts.shape[0] - 1
     la = schedule.log_alpha(ts)
@@ -290,6 +322,7 @@ def _encode_sde_rex(eps_fn, params, x_0, z, schedule, ts, solver, key, path, whe
             f"pass key= (the path), not path=."
         )
     x_0, z, per_step, ts = _prepare(eps_fn, params, x_0, z, schedule, ts, solver, where)
+    V.check_pytree_solver(x_0, solver, "x_0", where)
     n = ts.shape[0] - 1
     noise_mode, key = V.prepare_noise(solver, key, None, n, x_0, where)
     problem = Problem(eps_fn, solver, Backprop(), per_step, noise_mode, False)

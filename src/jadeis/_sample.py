@@ -46,7 +46,9 @@ def sample(
     - `eps_fn`: the noise-prediction model ``eps_fn(params, x, t, z) -> eps`` with the
       shape and dtype of ``x`` (use :func:`jadeis.as_eps_fn` for x0/v/flow models).
     - `params`: the model parameters (any pytree).
-    - `x_T`: initial noise, any shape (typically a leading batch axis).
+    - `x_T`: initial noise, any shape (typically a leading batch axis); or a pytree of
+      arrays sharing one floating dtype (e.g. ``{"image": ..., "audio": ...}`` latents
+      sampled together), which ``eps_fn`` then receives and returns.
     - `z`: conditioning (any pytree, or ``None``); a :class:`jadeis.PerStep` or
       :class:`jadeis.ConditioningFn` for conditioning that varies over the steps.
     - `schedule`: the noise schedule.
@@ -55,9 +57,12 @@ def sample(
     - `adjoint`: the gradient strategy: ``DiscreteAdjoint()`` (default: exact gradient of
       this sampler, memory N x |x|), ``AdjointDEIS(order, steps, trajectory)`` (continuous
       adjoint; ``trajectory="reconstruct"`` for memory independent of N) or ``Backprop()``.
-    - `key`: PRNG key for SDE samplers (step i uses ``fold_in(key, i)``).
+    - `key`: PRNG key for SDE samplers (step i uses ``fold_in(key, i)``; for a pytree
+      ``x_T``, leaf j of step i uses ``fold_in(fold_in(key, i), j)``, leaves in
+      ``jax.tree.leaves`` order).
     - `noise`: alternatively, the Gaussian noise of every step, shape ``(N,) + x_T.shape``
-      (then gradients with respect to it are available too).
+      (a pytree like ``x_T`` with a leading N on each leaf for a pytree state; then
+      gradients with respect to it are available too).
     - `return_trajectory`: also return the N + 1 states at every time of ``ts``.
     - `check_finite`: raise if ``x_T`` or the result is not finite (a traced check on the
       state; off by default because it synchronises with the host).
@@ -116,7 +121,8 @@ def sample_trajectory(
 ):
     r"""Like :func:`sample`, but returns the N + 1 states at every time of ``ts``.
 
-    The result has shape ``(N + 1,) + x_T.shape``; its first entry is ``x_T`` and its last
+    The result has shape ``(N + 1,) + x_T.shape`` (for a pytree ``x_T``, the same pytree
+    with a leading N + 1 axis on each leaf); its first entry is ``x_T`` and its last
     ``x_0``. Gradients flow through every state (with every strategy). This is what
     :func:`solve_adjoint` takes as ``trajectory=``.
 
@@ -168,7 +174,7 @@ def _sample(problem: Problem, args: Args, check_finite: bool, ts_checked: bool):
     if check_finite:
         x_0 = eqx.error_if(
             x_0,
-            ~jnp.all(jnp.isfinite(x_0)),
+            ~jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(x_0)])),
             f"{where}: sampling produced non-finite values; check eps_fn and the time grid "
             f"(t near a schedule end point where alpha or sigma vanish).",
         )
@@ -203,7 +209,8 @@ def solve_adjoint(
     **Arguments:**
 
     - `eps_fn`, `params`, `z`, `schedule`, `ts`: as in :func:`sample`.
-    - `grad_x0`: dL/dx_0, shape of x_0.
+    - `grad_x0`: dL/dx_0, shape of x_0 (a pytree like x_0 for a pytree state; then
+      ``trajectory`` is that pytree with a leading N + 1 axis on each leaf).
     - `trajectory`: the N + 1 states at every time of ``ts``, from ``ts[0]`` to ``ts[-1]``
       (as :func:`sample_trajectory` returns them); or
     - `x_0`: only the final sample: the states are reconstructed by solving the
@@ -276,6 +283,33 @@ def solve_adjoint(
             f"{where}: the SDE adjoint runs along the sampled path: pass trajectory=, not x_0= "
             f"(the path cannot be reconstructed)."
         )
+    if V.is_pytree_state(trajectory if trajectory is not None else x_0):
+        trajectory, x_0, grad_x0, ref = _check_tree_inputs(trajectory, x_0, grad_x0, n, where)
+    else:
+        trajectory, x_0, grad_x0, ref = _check_array_inputs(trajectory, x_0, grad_x0, n, where)
+    V.check_pytree_solver(ref, solver, "trajectory" if trajectory is not None else "x_0", where)
+    z_in = z
+    z, per_step, _ = V.prepare_z(z, ts, where)
+    problem = Problem(eps_fn, solver, adjoint, per_step, "none", False)
+    adjoint.check(problem, n)
+    first = ref if trajectory is None else jax.tree.map(lambda v: v[0], trajectory)
+    args = Args(params, first, z, schedule, ts, None)
+    if (
+        check_trajectory
+        and trajectory is not None
+        and all(V.is_concrete(v) for v in jax.tree.leaves((args, trajectory)))
+    ):
+        check_trajectory_of(problem, args, trajectory, where)
+    cts = _solve(problem, args, trajectory, x_0, grad_x0, V.checked_eagerly(ts, schedule))
+    zbar = cts.z
+    if isinstance(z_in, ConditioningFn):
+        _, vjp = jax.vjp(lambda p: ConditioningFn(z_in.fn, p).per_step(ts), z_in.params)
+        (p_bar,) = vjp(zbar)
+        zbar = ConditioningFn(z_in.fn, p_bar)
+    return AdjointResult(x_T=cts.x_T, z=zbar, params=cts.params)
+
+
+def _check_array_inputs(trajectory, x_0, grad_x0, n, where):
     grad_x0 = jnp.asarray(grad_x0)
     if trajectory is not None:
         trajectory = V.check_state(trajectory, "trajectory", where)
@@ -298,29 +332,43 @@ def solve_adjoint(
             )
         ref = x_0
     grad_x0 = grad_x0.astype(ref.dtype)
-    z_in = z
-    z, per_step, _ = V.prepare_z(z, ts, where)
-    problem = Problem(eps_fn, solver, adjoint, per_step, "none", False)
-    adjoint.check(problem, n)
-    args = Args(params, ref if trajectory is None else trajectory[0], z, schedule, ts, None)
-    if (
-        check_trajectory
-        and trajectory is not None
-        and all(V.is_concrete(v) for v in jax.tree.leaves((args, trajectory)))
-    ):
-        check_trajectory_of(problem, args, trajectory, where)
-    cts = _solve(problem, args, trajectory, x_0, grad_x0, V.checked_eagerly(ts, schedule))
-    zbar = cts.z
-    if isinstance(z_in, ConditioningFn):
-        _, vjp = jax.vjp(lambda p: ConditioningFn(z_in.fn, p).per_step(ts), z_in.params)
-        (p_bar,) = vjp(zbar)
-        zbar = ConditioningFn(z_in.fn, p_bar)
-    return AdjointResult(x_T=cts.x_T, z=zbar, params=cts.params)
+    return trajectory, x_0, grad_x0, ref
+
+
+def _check_tree_inputs(trajectory, x_0, grad_x0, n, where):
+    """``solve_adjoint``'s inputs for a pytree state: ``trajectory`` (leaves of shape
+    ``(N + 1,) + leaf``) or ``x_0``, and ``grad_x0`` of x_0's structure and shapes."""
+    if trajectory is not None:
+        trajectory = V.check_state(trajectory, "trajectory", where)
+        bad = [v.shape for v in jax.tree.leaves(trajectory) if v.ndim < 1 or v.shape[0] != n + 1]
+        if bad:
+            raise ValueError(
+                f"{where}: every leaf of a pytree trajectory must hold the N + 1 = {n + 1} states "
+                f"at the times of ts (shape (N + 1,) + leaf shape), got leaf shapes "
+                f"{V.shapes_of(trajectory)}."
+            )
+        ref = jax.tree.map(lambda v: v[-1], trajectory)
+        name = "x_0 = trajectory[-1] (per leaf)"
+    else:
+        x_0 = V.check_state(x_0, "x_0", where)
+        ref = x_0
+        name = "x_0"
+    try:
+        grad_x0 = jax.tree.map(lambda r, g: jnp.asarray(g).astype(r.dtype), ref, grad_x0)
+        ok = all(g.shape == r.shape for g, r in zip(jax.tree.leaves(grad_x0), jax.tree.leaves(ref)))
+    except (ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{where}: grad_x0 must be a pytree of the structure and leaf shapes of {name}, "
+            f"{V.shapes_of(ref)}; got {jax.tree.map(jnp.shape, grad_x0)}."
+        )
+    return trajectory, x_0, grad_x0, ref
 
 
 @eqx.filter_jit
 def _solve(problem, args, trajectory, x_0, grad_x0, ts_checked):
-    ref = trajectory[-1] if trajectory is not None else x_0
+    ref = jax.tree.map(lambda v: v[-1], trajectory) if trajectory is not None else x_0
     V.check_problem_model(problem, args, "solve_adjoint", x=ref)
     if not ts_checked:
         args = args._replace(ts=V.check_ts_traced(args.ts, args.schedule, "solve_adjoint"))

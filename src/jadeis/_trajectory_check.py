@@ -27,32 +27,51 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._conditioning import z_at
-from ._core import Args, Problem, bind_model
+from ._core import Args, Problem, bind_model, state_dtype
 from ._solver.base import AbstractLinearMultistepSolver
+
+
+def _at(tree, i):
+    return jax.tree.map(lambda v: v[i], tree)
+
+
+def _mean_square(x):
+    if isinstance(x, jax.Array):
+        return jnp.mean(jnp.square(x.astype(jnp.float32)))
+    leaves = jax.tree.leaves(x)
+    total = sum(v.size for v in leaves)
+    return sum(jnp.sum(jnp.square(v.astype(jnp.float32))) for v in leaves) / total
+
+
+def _norm(x):
+    if isinstance(x, jax.Array):
+        return jnp.linalg.norm(x.astype(jnp.float32).ravel())
+    return jnp.sqrt(sum(jnp.sum(jnp.square(v.astype(jnp.float32))) for v in jax.tree.leaves(x)))
 
 
 def _state_at(problem: Problem, args: Args, inputs, trajectory, i: int):
     """The solver state at step i, rebuilt from the trajectory."""
     solver = problem.solver
-    x = trajectory[i]
+    x = _at(trajectory, i)
     if not isinstance(solver, AbstractLinearMultistepSolver):
         return solver.init(x)
     hist = []
     for j in range(1, solver.order):
         k = i - j
         if k < 0:
-            hist.append(jnp.zeros_like(x))
+            hist.append(jax.tree.map(jnp.zeros_like, x))
             continue
         inp = jax.tree.map(lambda v, k=k: v[k], inputs)
         model = bind_model(problem, args.params, z_at(args.z, k, problem.per_step_z))
-        hist.append(solver.model_output(model, inp, trajectory[k]).astype(x.dtype))
+        out = solver.model_output(model, inp, _at(trajectory, k))
+        hist.append(jax.tree.map(lambda o, v: o.astype(v.dtype), out, x))
     return (x, tuple(hist))
 
 
 @eqx.filter_jit
 def _measure(problem: Problem, args: Args, trajectory, steps: tuple):
     solver = problem.solver
-    dtype = trajectory.dtype
+    dtype = state_dtype(trajectory)
     inputs = solver.inputs(args.schedule, args.ts, dtype)
     out = []
     for i in steps:
@@ -60,12 +79,12 @@ def _measure(problem: Problem, args: Args, trajectory, steps: tuple):
         state = _state_at(problem, args, inputs, trajectory, i)
         model = bind_model(problem, args.params, z_at(args.z, i, problem.per_step_z))
         if solver.stochastic:
-            xi, _ = solver.noise_of_step(model, inp, state, trajectory[i + 1])
-            out.append(jnp.mean(jnp.square(xi.astype(jnp.float32))))
+            xi, _ = solver.noise_of_step(model, inp, state, _at(trajectory, i + 1))
+            out.append(_mean_square(xi))
         else:
             nxt = solver.output(solver.step(model, inp, state, None))
-            diff = jnp.linalg.norm((nxt - trajectory[i + 1]).astype(jnp.float32).ravel())
-            ref = jnp.linalg.norm(trajectory[i + 1].astype(jnp.float32).ravel())
+            diff = _norm(jax.tree.map(jnp.subtract, nxt, _at(trajectory, i + 1)))
+            ref = _norm(_at(trajectory, i + 1))
             out.append(diff / jnp.maximum(ref, jnp.finfo(jnp.float32).tiny))
     return jnp.stack(out)
 
@@ -74,7 +93,7 @@ def check_trajectory(problem: Problem, args: Args, trajectory, where: str) -> No
     """Raise ``ValueError`` if ``trajectory`` is not a path of ``problem.solver`` on
     ``args.ts`` (see the module docstring). Call only with concrete inputs."""
     solver = problem.solver
-    n = trajectory.shape[0] - 1
+    n = jax.tree.leaves(trajectory)[0].shape[0] - 1
     linear = isinstance(solver, AbstractLinearMultistepSolver)
     if solver.stochastic and not linear:
         return
@@ -90,7 +109,7 @@ def check_trajectory(problem: Problem, args: Args, trajectory, where: str) -> No
         f"the given solver only)."
     )
     if solver.stochastic:
-        d = int(np.prod(trajectory.shape[1:]))
+        d = sum(int(np.prod(v.shape[1:])) for v in jax.tree.leaves(trajectory))
         hi = 1.0 + 10.0 * np.sqrt(2.0 / d) + 10.0 / d
         lo = 1.0 - 10.0 * np.sqrt(2.0 / d)
         for i, ms in zip(steps, values):
@@ -102,7 +121,7 @@ def check_trajectory(problem: Problem, args: Args, trajectory, where: str) -> No
                     f"(expected within [{max(lo, 0.0):.3g}, {hi:.3g}]). {hint}"
                 )
         return
-    eps = float(jnp.finfo(trajectory.dtype).eps)
+    eps = float(jnp.finfo(state_dtype(trajectory)).eps)
     rtol = min(0.05, 10.0 * np.sqrt(eps))
     for i, rel in zip(steps, values):
         if not np.isfinite(rel) or rel > rtol:

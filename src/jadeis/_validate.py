@@ -158,11 +158,45 @@ def check_ts_traced(ts, schedule: AbstractSchedule, where: str):
     )
 
 
+def is_pytree_state(x) -> bool:
+    """Whether ``x`` is a pytree of arrays (a dict, a tuple of arrays, a custom node...)
+    rather than one array-like (an array, a scalar, a nested list of numbers)."""
+    if isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex, bool)):
+        return False
+    if type(x) in (list, tuple):
+        return not all(np.ndim(v) == 0 and not isinstance(v, (jax.Array, np.ndarray))
+                       for v in jax.tree.leaves(x)) and len(jax.tree.leaves(x)) > 0
+    return True
+
+
 def check_state(x, name: str, where: str):
+    """A floating-point array, or a pytree of arrays sharing one floating dtype."""
+    if is_pytree_state(x):
+        leaves, treedef = jax.tree.flatten(x)
+        if not leaves:
+            raise ValueError(f"{where}: {name} is a pytree without any array leaves.")
+        leaves = [jnp.asarray(v) for v in leaves]
+        dtypes = [v.dtype for v in leaves]
+        if not all(jnp.issubdtype(d, jnp.floating) for d in dtypes) or len(set(dtypes)) > 1:
+            paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(x)]
+            got = ", ".join(f"{p or '.'}: {d}" for p, d in zip(paths, dtypes))
+            raise ValueError(
+                f"{where}: {name} is a pytree state, whose leaves must all share one floating "
+                f"dtype (the solver's arithmetic runs in it); got {got}. Cast the leaves, e.g. "
+                f"jax.tree.map(lambda v: v.astype(jnp.float32), {name})."
+            )
+        return jax.tree.unflatten(treedef, leaves)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"{where}: {name} must be a floating-point array, got dtype {x.dtype}.")
     return x
+
+
+def shapes_of(x):
+    """``x.shape``, or the pytree of leaf shapes of a pytree state (for messages)."""
+    if isinstance(x, jax.Array):
+        return x.shape
+    return jax.tree.map(lambda v: v.shape, x)
 
 
 def check_x_T(x_T, solver, n: int, where: str):
@@ -187,10 +221,23 @@ def check_x_T(x_T, solver, n: int, where: str):
                 f"{x.shape} {x.dtype} vs {xh.shape} {xh.dtype}."
             )
         return RexLatent(x, xh, x_T.num_steps, x_T.solver)
-    return check_state(x_T, "x_T", where)
+    x_T = check_state(x_T, "x_T", where)
+    check_pytree_solver(x_T, solver, "x_T", where)
+    return x_T
+
+
+def check_pytree_solver(x, solver, name: str, where: str):
+    if not isinstance(x, jax.Array) and callable(getattr(solver, "inverse_step", None)):
+        raise ValueError(
+            f"{where}: pytree states are not supported by {type(solver).__name__} (Rex) yet; "
+            f"pass {name} as one array (e.g. concatenate the flattened leaves), or use another "
+            f"solver such as jadeis.DPMSolverPP()."
+        )
 
 
 def check_model(eps_fn, params, x, t, z, where: str):
+    if not isinstance(x, jax.Array):
+        return _check_model_tree(eps_fn, params, x, t, z, where)
     try:
         out = jax.eval_shape(eps_fn, params, x, t, z)
     except Exception as e:  # noqa: BLE001 - re-raised with context
@@ -210,6 +257,28 @@ def check_model(eps_fn, params, x, t, z, where: str):
             f"{where}: eps_fn must return a floating-point array of the shape of x "
             f"({x.shape}; any floating dtype, cast to x's {x.dtype}); it returned {got}. "
             f"Reshape the model output or cast it to a floating dtype."
+        )
+
+
+def _check_model_tree(eps_fn, params, x, t, z, where: str):
+    want = shapes_of(x)
+    try:
+        out = jax.eval_shape(eps_fn, params, x, t, z)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        raise ValueError(
+            f"{where}: calling eps_fn(params, x, t, z) failed for the pytree state x with leaf "
+            f"shapes {want}: {type(e).__name__}: {e}"
+        ) from e
+    ok = jax.tree.structure(out) == jax.tree.structure(x) and all(
+        hasattr(o, "shape") and o.shape == v.shape and jnp.issubdtype(o.dtype, jnp.floating)
+        for o, v in zip(jax.tree.leaves(out), jax.tree.leaves(x))
+    )
+    if not ok:
+        got = jax.tree.map(lambda o: (getattr(o, "shape", None), str(getattr(o, "dtype", ""))),
+                           out)
+        raise ValueError(
+            f"{where}: for a pytree state, eps_fn must return a pytree of the same structure "
+            f"with floating-point leaves of the shapes of x's ({want}); it returned {got}."
         )
 
 
@@ -248,10 +317,12 @@ def prepare_noise(solver: AbstractSolver, key, noise, n: int, x, where: str):
         raise ValueError(
             f"{where}: the SDE sampler {type(solver).__name__} needs randomness: pass "
             f"key=jax.random.key(seed), or noise= an array of shape "
-            f"{(n,) + solver.noise_shape(x.shape)}."
+            f"{_noise_shapes(solver, n, x)}."
         )
     if key is not None and noise is not None:
         raise ValueError(f"{where}: pass either key or noise, not both.")
+    if noise is not None and not isinstance(x, jax.Array):
+        return "array", _check_noise_tree(solver, noise, n, x, where)
     if noise is not None:
         noise = jnp.asarray(noise)
         want = (n,) + solver.noise_shape(x.shape)
@@ -291,5 +362,36 @@ def check_problem_model(problem, args, where: str, x=None, t_index: int = 0):
     z = args.z
     if problem.per_step_z:
         z = jax.tree.map(lambda v: v[0], z.values)
-    t = args.ts[t_index].astype(model_time_dtype(x.dtype))
+    from ._core import state_dtype
+
+    t = args.ts[t_index].astype(model_time_dtype(state_dtype(x)))
     check_model(problem.eps_fn, args.params, x, t, z, where)
+
+
+def _noise_shapes(solver, n: int, x):
+    if isinstance(x, jax.Array):
+        return (n,) + solver.noise_shape(x.shape)
+    return jax.tree.map(lambda v: (n,) + solver.noise_shape(v.shape), x)
+
+
+def _check_noise_tree(solver, noise, n: int, x, where: str):
+    """The ``noise`` pytree of a pytree state: x's structure, leaf ``(N,) + leaf shape``."""
+    want = _noise_shapes(solver, n, x)
+    try:
+        noise = jax.tree.map(lambda _, v: jnp.asarray(v), x, noise)
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"{where}: noise must be a pytree of the structure of x_T with leaves of shape "
+            f"(N,) + leaf shape, i.e. {want}; got {jax.tree.structure(noise)} for x_T's "
+            f"{jax.tree.structure(x)}."
+        ) from None
+    if any(v.shape != (n,) + solver.noise_shape(u.shape)
+           for v, u in zip(jax.tree.leaves(noise), jax.tree.leaves(x))):
+        got = jax.tree.map(lambda v: v.shape, noise)
+        raise ValueError(
+            f"{where}: noise must be a pytree of the structure of x_T with leaves of shape "
+            f"(N,) + leaf shape = {want} for {type(solver).__name__}, got {got}."
+        )
+    if not all(jnp.issubdtype(v.dtype, jnp.floating) for v in jax.tree.leaves(noise)):
+        raise ValueError(f"{where}: the leaves of noise must be floating-point arrays.")
+    return noise

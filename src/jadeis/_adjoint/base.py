@@ -93,12 +93,28 @@ def _materialise(ct, like):
     return ct
 
 
+def _is_zero(v):
+    return isinstance(v, jax.custom_derivatives.SymbolicZero)
+
+
+def _zeros_for(v):
+    return jnp.zeros(v.shape, v.dtype) if _is_zero(v) else v
+
+
 def _run_bwd(problem, res, ct):
     x0_ct, traj_ct = ct
-    if isinstance(x0_ct, jax.custom_derivatives.SymbolicZero):
+    if _is_zero(x0_ct):
         x0_ct = jnp.zeros(x0_ct.shape, x0_ct.dtype)
-    if isinstance(traj_ct, jax.custom_derivatives.SymbolicZero):
+    elif not isinstance(x0_ct, jax.Array):  # a pytree state: per-leaf symbolic zeros
+        x0_ct = jax.tree.map(_zeros_for, x0_ct, is_leaf=_is_zero)
+    if _is_zero(traj_ct):
         traj_ct = None
+    elif traj_ct is not None and not isinstance(traj_ct, jax.Array):
+        leaves = jax.tree.leaves(traj_ct, is_leaf=_is_zero)
+        if all(_is_zero(v) for v in leaves):
+            traj_ct = None
+        else:
+            traj_ct = jax.tree.map(_zeros_for, traj_ct, is_leaf=_is_zero)
     return (problem.adjoint.bwd(problem, res, x0_ct, traj_ct),)
 
 

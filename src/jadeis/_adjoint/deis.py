@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .._conditioning import z_at
-from .._core import Args, Problem, forward, with_final
+from .._core import Args, Problem, forward, state_dtype, with_final
 from .._grid import time_grid
 from .._phi import add_warmup_correction, multistep_weights
 from .._solver.base import (
@@ -128,7 +128,7 @@ class AdjointDEIS(AbstractAdjoint):
 
     def residuals_from(self, problem, args, trajectory, x_0):
         if trajectory is not None:
-            return args._replace(x_T=trajectory[0]), trajectory, None
+            return args._replace(x_T=jax.tree.map(lambda v: v[0], trajectory)), trajectory, None
         if problem.solver.stochastic:
             raise ValueError(
                 "solve_adjoint: the SDE adjoint runs along the sampled path: pass "
@@ -145,10 +145,13 @@ class AdjointDEIS(AbstractAdjoint):
         noise_bar = None
         if need_path:
             # xi_i enters x_{i+1} with coefficient c_i: dL/dxi_i = c_i a_x(t_{i+1})
-            c = problem.solver.coefficients(args.schedule, args.ts).c.astype(x0_bar.dtype)
-            noise = args.noise
-            noise_bar = (c[:, None] * ax_path[::-1].reshape(c.shape[0], -1)).reshape(noise.shape)
-            noise_bar = noise_bar.astype(noise.dtype)
+            c = problem.solver.coefficients(args.schedule, args.ts).c.astype(state_dtype(x0_bar))
+
+            def leaf_bar(path, noise):
+                bar = (c[:, None] * path[::-1].reshape(c.shape[0], -1)).reshape(noise.shape)
+                return bar.astype(noise.dtype)
+
+            noise_bar = jax.tree.map(leaf_bar, ax_path, args.noise)
         return Args(pbar, xT_bar, zbar, None, None, noise_bar)
 
 
@@ -183,7 +186,8 @@ def deis_backward(
     n = ts.shape[0] - 1
     m = adjoint.num_steps(n)
     k = adjoint.order
-    dtype = x0_bar.dtype
+    dtype = state_dtype(x0_bar)
+    tm = jax.tree.map
     reconstruct = states is None
     if m == n:
         u = ts[::-1]
@@ -195,7 +199,7 @@ def deis_backward(
     if not reconstruct:
         if m == n:
             cached_x = states
-            x_final = x_0 if x_0 is not None else states[n]
+            x_final = x_0 if x_0 is not None else tm(lambda v: v[n], states)
         else:
             x_final, cached_x, _ = forward(problem, args._replace(ts=u[::-1]), save="x")
     back = jnp.arange(m, 0, -1)  # adjoint step j starts from the state/grid point m - j
@@ -258,24 +262,35 @@ def deis_backward(
         if reconstruct:
             x_here = state[0]
         else:
-            x_here = lax.dynamic_index_in_dim(cached_x, jnp.minimum(b, m - 1), keepdims=False)
-            x_here = jnp.where(b == m, x_final, x_here)
+            x_here = tm(
+                lambda c, f: jnp.where(
+                    b == m, f, lax.dynamic_index_in_dim(c, jnp.minimum(b, m - 1), keepdims=False)
+                ),
+                cached_x,
+                x_final,
+            )
         if traj_bar is not None:
-            ax = ax + lax.dynamic_index_in_dim(traj_bar, b, keepdims=False)
+            ax = tm(lambda a, tb: a + lax.dynamic_index_in_dim(tb, b, keepdims=False), ax, traj_bar)
         z_j = z_at(z, i, per_step)
         eps, vjp = jax.vjp(  # the model's output in the state's dtype (mixed precision)
-            lambda xx, p, zz: eps_fn(p, xx, s, zz).astype(xx.dtype), x_here, params, z_j
+            lambda xx, p, zz: tm(lambda e, v: e.astype(v.dtype), eps_fn(p, xx, s, zz), xx),
+            x_here,
+            params,
+            z_j,
         )
         gx, gp, gz = vjp(ax)
-        fx = fxs * gx
+        fx = tm(lambda g: fxs * g, gx)
         ws = [wj[q] for q in range(k)]
-        new_ax = decay * ax + cx * _tree.combine(ws, (fx,) + fx_hist)
+        new_ax = tm(lambda a, c: decay * a + cx * c, ax, _tree.combine(ws, (fx,) + fx_hist))
         total = jnp.sum(cj)
         pbar = _tree.add(pbar, _tree.scale(total, gp))
         if per_step:
             for q in range(k):
                 zbar = jax.tree.map(
-                    lambda acc, g, q=q: acc.at[cidx[q]].add(cj[q].astype(g.dtype) * g), zbar, gz
+                    lambda acc, g, q=q: acc if _tree.is_float0(acc)
+                    else acc.at[cidx[q]].add(cj[q].astype(g.dtype) * g),
+                    zbar,
+                    gz,
                 )
         else:
             zbar = _tree.add(zbar, _tree.scale(total, gz))
@@ -285,14 +300,14 @@ def deis_backward(
         return carry, (ax if need_ax_path else None)
 
     state0 = recon_solver.init(x_0) if reconstruct else None
-    zeros_x = jnp.zeros_like(x0_bar)
+    zeros_x = tm(jnp.zeros_like, x0_bar)
     fx_hist0 = tuple(zeros_x for _ in range(k - 1))
     zbar0 = _tree.zeros_like(z.values if per_step else z)
     pbar0 = _tree.zeros_like(params)
     carry0 = (x0_bar, state0, fx_hist0, pbar0, zbar0)
     (ax, _, _, pbar, zbar), ax_path = lax.scan(body, carry0, inputs)
     if traj_bar is not None:
-        ax = ax + traj_bar[0]
+        ax = tm(lambda a, tb: a + tb[0], ax, traj_bar)
     if per_step:
         zbar = type(z)(zbar)
     return ax, pbar, zbar, ax_path

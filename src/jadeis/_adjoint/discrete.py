@@ -6,7 +6,16 @@ import numpy as np
 from jax import lax
 
 from .._conditioning import z_at
-from .._core import Args, Problem, bind_model, draw_noise, forward, with_final
+from .._core import (
+    Args,
+    Problem,
+    bind_model,
+    draw_noise,
+    forward,
+    is_array,
+    state_dtype,
+    with_final,
+)
 from .._solver.base import AbstractLinearMultistepSolver, LinearStepInputs
 from . import _tree
 from .base import AbstractAdjoint, any_perturbed
@@ -70,9 +79,9 @@ class DiscreteAdjoint(AbstractAdjoint):
                 "sample(..., return_trajectory=True) returns), not x_0= alone."
             )
         if self._fast(problem):
-            return args, trajectory[:-1], False
+            return args, jax.tree.map(lambda v: v[:-1], trajectory), False
         # other solvers carry more than the sample: re-run the forward pass for the states
-        args = args._replace(x_T=trajectory[0])
+        args = args._replace(x_T=jax.tree.map(lambda v: v[0], trajectory))
         _, saved, _ = forward(problem, args, save="state")
         return args, saved, False
 
@@ -102,11 +111,20 @@ def _finish(problem, args, pbar, xT_bar, zbar, zs, noise_bar, inputs_bar, vjp):
     return Args(pbar, xT_bar, zbar, sch_bar, ts_bar, noise_bar)
 
 
+def _final_bar(x0_bar, traj_bar, dtype):
+    """The cotangent of x_0: ``x0_bar`` plus the trajectory's last entry's."""
+    if is_array(x0_bar):
+        return x0_bar.astype(dtype) + (0 if traj_bar is None else traj_bar[-1])
+    if traj_bar is None:
+        return jax.tree.map(lambda v: v.astype(dtype), x0_bar)
+    return jax.tree.map(lambda v, tb: v.astype(dtype) + tb[-1], x0_bar, traj_bar)
+
+
 def _generic_backward(problem: Problem, args: Args, states, x0_bar, traj_bar, grid: bool):
     """Reverse scan over the VJP of ``solver.step`` (any solver)."""
     solver = problem.solver
     params, x_T, z, schedule, ts, noise = args
-    dtype = x_T.dtype
+    dtype = state_dtype(x_T)
     n = ts.shape[0] - 1
     inputs, vjp_inputs = _inputs_and_vjp(problem, args, dtype, grid)
     per_step = problem.per_step_z
@@ -115,7 +133,7 @@ def _generic_backward(problem: Problem, args: Args, states, x0_bar, traj_bar, gr
     # so any state of the right structure serves as its primal)
     last = jax.tree.map(lambda s: s[-1], states)
     _, out_vjp = jax.vjp(solver.output, last)
-    (sbar0,) = out_vjp(x0_bar.astype(dtype) + (0 if traj_bar is None else traj_bar[-1]))
+    (sbar0,) = out_vjp(_final_bar(x0_bar, traj_bar, dtype))
 
     def body(carry, xs):
         sbar, pbar, zbar = carry
@@ -145,7 +163,7 @@ def _generic_backward(problem: Problem, args: Args, states, x0_bar, traj_bar, gr
         )
 
     zbar0 = None if per_step else _tree.zeros_like(z)
-    tb_in = None if traj_bar is None else traj_bar[:-1]
+    tb_in = None if traj_bar is None else jax.tree.map(lambda v: v[:-1], traj_bar)
     (sbar, pbar, zbar), (zs, noise_bar, inputs_bar) = lax.scan(
         body,
         (sbar0, _tree.zeros_like(params), zbar0),
@@ -163,9 +181,10 @@ def _linear_backward(problem: Problem, args: Args, xs, x0_bar, traj_bar, grid: b
     samples ``xs`` (docs/math/adjoint.md, "exact discrete adjoint")."""
     solver = problem.solver
     params, x_T, z, schedule, ts, noise = args
-    dtype = xs.dtype
+    dtype = state_dtype(xs)
     n = ts.shape[0] - 1
     k = solver.order
+    tm = jax.tree.map
     inputs, vjp_inputs = _inputs_and_vjp(problem, args, dtype, grid)
     per_step = problem.per_step_z
     noise_array = problem.noise_mode == "array"
@@ -174,11 +193,13 @@ def _linear_backward(problem: Problem, args: Args, xs, x0_bar, traj_bar, grid: b
     def body(carry, xs_in):
         xbar, pend, xbar_hist, pbar, zbar = carry
         i, inp, x_i, tb = xs_in
-        m_bar = inp.b[0] * xbar
+        m_bar = tm(lambda v: inp.b[0] * v, xbar)
         if k > 1:
-            m_bar = m_bar + pend[0]
+            m_bar = tm(jnp.add, m_bar, pend[0])
         new_pend = tuple(
-            (pend[j + 1] if j + 1 < k - 1 else 0.0) + inp.b[j + 1] * xbar for j in range(k - 1)
+            tm(lambda v, j=j: inp.b[j + 1] * v, xbar) if j + 1 >= k - 1
+            else tm(lambda p, v, j=j: p + inp.b[j + 1] * v, pend[j + 1], xbar)
+            for j in range(k - 1)
         )
         z_i = z_at(z, i, per_step)
         if grid:
@@ -196,16 +217,16 @@ def _linear_backward(problem: Problem, args: Args, xs, x0_bar, traj_bar, grid: b
 
             m, vjp = jax.vjp(f, params, x_i, z_i)
             gp, gx, gz = vjp(m_bar)
-        new_xbar = inp.a * xbar + gx
+        new_xbar = tm(lambda v, g: inp.a * v + g, xbar, gx)
         if tb is not None:
-            new_xbar = new_xbar + tb
+            new_xbar = tm(jnp.add, new_xbar, tb)
         pbar = _tree.add(pbar, gp)
         if per_step:
             ys_z = gz
         else:
             zbar = _tree.add(zbar, gz)
             ys_z = None
-        ys_noise = inp.c * xbar if noise_array else None
+        ys_noise = tm(lambda v: inp.c * v, xbar) if noise_array else None
         ys_grid = None
         new_hist = xbar_hist
         if grid:
@@ -218,14 +239,12 @@ def _linear_backward(problem: Problem, args: Args, xs, x0_bar, traj_bar, grid: b
             new_hist = ((xbar,) + xbar_hist)[: k - 1]
         return (new_xbar, new_pend, new_hist, pbar, zbar), (ys_z, ys_noise, ys_grid)
 
-    xbar0 = x0_bar.astype(dtype)
-    if traj_bar is not None:
-        xbar0 = xbar0 + traj_bar[-1]
-    zeros = jnp.zeros_like(xbar0)
+    xbar0 = _final_bar(x0_bar, traj_bar, dtype)
+    zeros = tm(jnp.zeros_like, xbar0)
     pend0 = tuple(zeros for _ in range(k - 1))
     hist0 = tuple(zeros for _ in range(k - 1)) if grid else ()
     zbar0 = None if per_step else _tree.zeros_like(z)
-    tb_in = None if traj_bar is None else traj_bar[:-1]
+    tb_in = None if traj_bar is None else tm(lambda v: v[:-1], traj_bar)
     (xT_bar, _, _, pbar, zbar), (zs, noise_bar, ys_grid) = lax.scan(
         body,
         (xbar0, pend0, hist0, _tree.zeros_like(params), zbar0),
@@ -251,5 +270,5 @@ def _linear_backward(problem: Problem, args: Args, xs, x0_bar, traj_bar, grid: b
             sigma=si_bar,
         )
     if noise_bar is not None:
-        noise_bar = noise_bar.astype(np.dtype(noise.dtype))
+        noise_bar = tm(lambda g, v: g.astype(np.dtype(v.dtype)), noise_bar, noise)
     return _finish(problem, args, pbar, xT_bar, zbar, zs, noise_bar, inputs_bar, vjp_inputs)

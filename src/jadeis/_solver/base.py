@@ -30,6 +30,7 @@ import abc
 from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
@@ -202,12 +203,13 @@ class AbstractLinearMultistepSolver(AbstractSolver):
         )
 
     def init(self, x_T):
-        return (x_T, tuple(jnp.zeros_like(x_T) for _ in range(self.order - 1)))
+        zeros = lambda: jax.tree.map(jnp.zeros_like, x_T)  # noqa: E731
+        return (x_T, tuple(zeros() for _ in range(self.order - 1)))
 
     def convert(self, eps, x, alpha, sigma):
         """The model output in this solver's parameterisation."""
         if self.prediction == "data":
-            return (x - sigma * eps) / alpha
+            return jax.tree.map(lambda x, eps: (x - sigma * eps) / alpha, x, eps)
         return eps
 
     def model_output(self, model, inp: LinearStepInputs, x):
@@ -215,11 +217,11 @@ class AbstractLinearMultistepSolver(AbstractSolver):
 
     def combine(self, inp: LinearStepInputs, x, m, hist, xi):
         """a x + b_0 m + sum_j b_j hist_j (+ c xi): the linear part of the step."""
-        x_next = inp.a * x + inp.b[0] * m
+        x_next = jax.tree.map(lambda x, m: inp.a * x + inp.b[0] * m, x, m)
         for j, h in enumerate(hist):
-            x_next = x_next + inp.b[j + 1] * h
+            x_next = jax.tree.map(lambda v, h, j=j: v + inp.b[j + 1] * h, x_next, h)
         if xi is not None:
-            x_next = x_next + inp.c * xi
+            x_next = jax.tree.map(lambda v, xi: v + inp.c * xi, x_next, xi)
         return x_next
 
     def step(self, model, inp, state, xi):
@@ -233,7 +235,8 @@ class AbstractLinearMultistepSolver(AbstractSolver):
         and the state after that step."""
         x, hist = state
         m = self.model_output(model, inp, x)
-        xi = (x_next - self.combine(inp, x, m, hist, None)) / inp.c
+        xi = jax.tree.map(lambda xn, v: (xn - v) / inp.c, x_next,
+                          self.combine(inp, x, m, hist, None))
         return xi, (x_next, ((m,) + hist)[: self.order - 1])
 
 

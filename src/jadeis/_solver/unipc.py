@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
@@ -237,21 +238,24 @@ class UniPC(AbstractSolver):
         )
 
     def init(self, x_T):
-        prev = (jnp.zeros_like(x_T),) if self.corrector else ()
-        return (x_T, prev, tuple(jnp.zeros_like(x_T) for _ in range(self._history_len())))
+        zeros = lambda: jax.tree.map(jnp.zeros_like, x_T)  # noqa: E731
+        prev = (zeros(),) if self.corrector else ()
+        return (x_T, prev, tuple(zeros() for _ in range(self._history_len())))
 
     def step(self, model, inp, state, xi):
         x_pred, prev, hist = state
         eps = model(x_pred, inp.t)
-        m = (x_pred - inp.sigma * eps) / inp.alpha
+        tm = jax.tree.map
+        m = tm(lambda x_pred, eps: (x_pred - inp.sigma * eps) / inp.alpha, x_pred, eps)
         if self.corrector:
-            x = inp.keep * x_pred + inp.ca * prev[0] + inp.cb[0] * m
+            x = tm(lambda x_pred, p, m: inp.keep * x_pred + inp.ca * p + inp.cb[0] * m,
+                   x_pred, prev[0], m)
             for j, hj in enumerate(hist):
-                x = x + inp.cb[j + 1] * hj
+                x = tm(lambda x, hj, j=j: x + inp.cb[j + 1] * hj, x, hj)
             prev = (x,)
         else:
             x = x_pred
-        x_next = inp.a * x + inp.b[0] * m
+        x_next = tm(lambda x, m: inp.a * x + inp.b[0] * m, x, m)
         for j in range(self.order - 1):
-            x_next = x_next + inp.b[j + 1] * hist[j]
+            x_next = tm(lambda v, h, j=j: v + inp.b[j + 1] * h, x_next, hist[j])
         return (x_next, prev, ((m,) + hist)[: self._history_len()])
