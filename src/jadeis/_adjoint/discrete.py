@@ -120,6 +120,40 @@ def _final_bar(x0_bar, traj_bar, dtype):
     return jax.tree.map(lambda v, tb: v.astype(dtype) + tb[-1], x0_bar, traj_bar)
 
 
+def step_vjp(problem: Problem, params, z, i, inp, state, xi, carry, tb, grid: bool):
+    """One reverse step of the exact discrete adjoint: the VJP of ``solver.step`` at
+    ``state`` (the model evaluation rematerialised inside it). ``carry`` is ``(state
+    cotangent after the step, params cotangent, z cotangent)``; ``tb`` a trajectory cotangent
+    on the state's sample (or None). Returns the new carry and the per-step outputs
+    ``(z cotangent if per-step, noise cotangent if a noise array, inputs cotangent if
+    grid)``. Shared by :class:`DiscreteAdjoint` and :class:`ReversibleAdjoint`."""
+    solver = problem.solver
+    sbar, pbar, zbar = carry
+    z_i = z_at(z, i, problem.per_step_z)
+
+    def f(st, p, zz, ip, nz):
+        return solver.step(bind_model(problem, p, zz), ip, st, nz)
+
+    _, vjp = jax.vjp(f, state, params, z_i, inp, xi)
+    st_bar, gp, gz, ip_bar, xi_bar = vjp(sbar)
+    if tb is not None:
+        _, ovjp = jax.vjp(solver.output, state)
+        (extra,) = ovjp(tb)
+        st_bar = _tree.add(st_bar, extra)
+    pbar = _tree.add(pbar, gp)
+    if problem.per_step_z:
+        ys_z = gz
+    else:
+        zbar = _tree.add(zbar, gz)
+        ys_z = None
+    noise_array = problem.noise_mode == "array"
+    return (st_bar, pbar, zbar), (
+        ys_z,
+        xi_bar if noise_array else None,
+        ip_bar if grid else None,
+    )
+
+
 def _generic_backward(problem: Problem, args: Args, states, x0_bar, traj_bar, grid: bool):
     """Reverse scan over the VJP of ``solver.step`` (any solver)."""
     solver = problem.solver
@@ -128,7 +162,6 @@ def _generic_backward(problem: Problem, args: Args, states, x0_bar, traj_bar, gr
     n = ts.shape[0] - 1
     inputs, vjp_inputs = _inputs_and_vjp(problem, args, dtype, grid)
     per_step = problem.per_step_z
-    noise_array = problem.noise_mode == "array"
     # the cotangent of the final state: x0_bar on its sample (``output`` is a selection,
     # so any state of the right structure serves as its primal)
     last = jax.tree.map(lambda s: s[-1], states)
@@ -138,29 +171,8 @@ def _generic_backward(problem: Problem, args: Args, states, x0_bar, traj_bar, gr
     def body(carry, xs):
         sbar, pbar, zbar = carry
         i, inp, state, tb = xs
-        z_i = z_at(z, i, per_step)
         xi = draw_noise(problem, noise, i, solver.output(state))
-
-        def f(st, p, zz, ip, nz):
-            return solver.step(bind_model(problem, p, zz), ip, st, nz)
-
-        _, vjp = jax.vjp(f, state, params, z_i, inp, xi)
-        st_bar, gp, gz, ip_bar, xi_bar = vjp(sbar)
-        if tb is not None:
-            _, ovjp = jax.vjp(solver.output, state)
-            (extra,) = ovjp(tb)
-            st_bar = _tree.add(st_bar, extra)
-        pbar = _tree.add(pbar, gp)
-        if per_step:
-            ys_z = gz
-        else:
-            zbar = _tree.add(zbar, gz)
-            ys_z = None
-        return (st_bar, pbar, zbar), (
-            ys_z,
-            xi_bar if noise_array else None,
-            ip_bar if grid else None,
-        )
+        return step_vjp(problem, params, z, i, inp, state, xi, (sbar, pbar, zbar), tb, grid)
 
     zbar0 = None if per_step else _tree.zeros_like(z)
     tb_in = None if traj_bar is None else jax.tree.map(lambda v: v[:-1], traj_bar)

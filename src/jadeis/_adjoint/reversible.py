@@ -10,7 +10,7 @@ from .._conditioning import z_at
 from .._core import Problem, bind_model, draw_noise, forward, with_final
 from . import _tree
 from .base import AbstractAdjoint, any_perturbed
-from .discrete import _finish, _inputs_and_vjp
+from .discrete import _finish, _inputs_and_vjp, step_vjp
 
 
 class ReversibleAdjoint(AbstractAdjoint):
@@ -71,38 +71,17 @@ def _reversible_backward(problem: Problem, args, final, x0_bar, traj_bar, grid: 
     n = ts.shape[0] - 1
     inputs, vjp_inputs = _inputs_and_vjp(problem, args, dtype, grid)
     per_step = problem.per_step_z
-    noise_array = problem.noise_mode == "array"
     _, out_vjp = jax.vjp(solver.output, final)
     (sbar0,) = out_vjp(x0_bar.astype(dtype) + (0 if traj_bar is None else traj_bar[-1]))
 
     def body(carry, xs):
         state_next, sbar, pbar, zbar = carry
         i, inp, tb = xs
-        z_i = z_at(z, i, per_step)
-        model = bind_model(problem, params, z_i)
+        model = bind_model(problem, params, z_at(z, i, per_step))
         xi = draw_noise(problem, noise, i, solver.output(state_next))
         state = solver.inverse_step(model, inp, state_next, xi)
-
-        def f(st, p, zz, ip, nz):
-            return solver.step(bind_model(problem, p, zz), ip, st, nz)
-
-        _, vjp = jax.vjp(f, state, params, z_i, inp, xi)
-        st_bar, gp, gz, ip_bar, xi_bar = vjp(sbar)
-        if tb is not None:
-            _, ovjp = jax.vjp(solver.output, state)
-            (extra,) = ovjp(tb)
-            st_bar = _tree.add(st_bar, extra)
-        pbar = _tree.add(pbar, gp)
-        if per_step:
-            ys_z = gz
-        else:
-            zbar = _tree.add(zbar, gz)
-            ys_z = None
-        return (state, st_bar, pbar, zbar), (
-            ys_z,
-            xi_bar if noise_array else None,
-            ip_bar if grid else None,
-        )
+        carry, ys = step_vjp(problem, params, z, i, inp, state, xi, (sbar, pbar, zbar), tb, grid)
+        return (state,) + carry, ys
 
     zbar0 = None if per_step else _tree.zeros_like(z)
     tb_in = None if traj_bar is None else traj_bar[:-1]
