@@ -262,7 +262,8 @@ def _key_of(g: Guidance, key, iteration):
     return key
 
 
-def _objective(g: Guidance, opt_vars, fixed, iteration, key, noise, loss_args):
+def _loss_and_sample(g: Guidance, opt_vars, fixed, iteration, key, noise, loss_args):
+    """``(loss as the loss function returns it, x_0)`` for the current values."""
     v = {**fixed, **opt_vars}
     x_0 = sample(
         g.eps_fn,
@@ -276,7 +277,11 @@ def _objective(g: Guidance, opt_vars, fixed, iteration, key, noise, loss_args):
         key=_key_of(g, key, iteration),
         noise=noise,
     )
-    loss = g.loss_fn(x_0, v, *loss_args)
+    return g.loss_fn(x_0, v, *loss_args), x_0
+
+
+def _objective(g: Guidance, opt_vars, fixed, iteration, key, noise, loss_args):
+    loss, x_0 = _loss_and_sample(g, opt_vars, fixed, iteration, key, noise, loss_args)
     return jnp.sum(loss), (loss, x_0)
 
 
@@ -286,20 +291,7 @@ def check_loss_output(g: Guidance, values, key, noise, loss_args):
     fixed = {w: values[w] for w in _WRT if w not in g.wrt}
 
     def f(opt_vars, fixed, key, noise, loss_args):
-        v = {**fixed, **opt_vars}
-        x_0 = sample(
-            g.eps_fn,
-            v["params"],
-            v["x_T"],
-            v["z"],
-            schedule=g.schedule,
-            ts=g.ts,
-            solver=g.solver,
-            adjoint=g.adjoint,
-            key=_key_of(g, key, 0),
-            noise=noise,
-        )
-        return g.loss_fn(x_0, v, *loss_args)
+        return _loss_and_sample(g, opt_vars, fixed, 0, key, noise, loss_args)[0]
 
     out = jax.eval_shape(f, opt_vars, fixed, key, noise, loss_args)
     if not isinstance(out, jax.ShapeDtypeStruct):
