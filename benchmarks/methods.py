@@ -31,7 +31,8 @@ import jadeis
 
 
 def pf_ode_t(schedule, eps_fn):
-    """dx/dt = f(t) x + g^2(t)/(2 sigma_t) eps = f x - sigma dlambda/dt eps (docs/math/schedules.md)."""
+    """dx/dt = f(t) x + g^2(t)/(2 sigma_t) eps = f x - sigma dlambda/dt eps
+    (docs/math/schedules.md)."""
     dlog_alpha = jax.grad(lambda t: schedule.log_alpha(t))
     dlam = jax.grad(lambda t: schedule.log_snr(t))
 

@@ -42,8 +42,14 @@ def measure(n, batch, dim, hidden, steps, repeats):
     rows = NamedSharding(mesh, P("batch"))
     rep = NamedSharding(mesh, P())
     k = jax.random.split(jax.random.key(0), 4)
-    params = jax.device_put((jax.random.normal(k[1], (dim, hidden)) / np.sqrt(dim),
-                             jnp.zeros(hidden), jax.random.normal(k[2], (hidden, dim)) / 30), rep)
+    params = jax.device_put(
+        (
+            jax.random.normal(k[1], (dim, hidden)) / np.sqrt(dim),
+            jnp.zeros(hidden),
+            jax.random.normal(k[2], (hidden, dim)) / 30,
+        ),
+        rep,
+    )
 
     def eps_fn(p, x, t, z):
         w1, b1, w2 = p
@@ -53,15 +59,22 @@ def measure(n, batch, dim, hidden, steps, repeats):
     sch = jadeis.VPLinear()
     ts = jadeis.time_grid(sch, steps)
     fwd = jax.jit(lambda p, x: jadeis.sample(eps_fn, p, x, schedule=sch, ts=ts))
-    grad = jax.jit(jax.grad(lambda p, x: jnp.sum(jadeis.sample(
-        eps_fn, p, x, schedule=sch, ts=ts, adjoint=jadeis.DiscreteAdjoint()) ** 2),
-        argnums=(0, 1)))
+    grad = jax.jit(
+        jax.grad(
+            lambda p, x: jnp.sum(
+                jadeis.sample(eps_fn, p, x, schedule=sch, ts=ts, adjoint=jadeis.DiscreteAdjoint())
+                ** 2
+            ),
+            argnums=(0, 1),
+        )
+    )
     out = {"devices": n, "batch": batch, "local_batch": batch // n}
     for name, f in (("sample", fwd), ("grad", grad)):
         compiled = f.lower(params, x_T).compile()
         mem = compiled.memory_analysis()
-        out[f"{name}_mem_bytes"] = int(mem.temp_size_in_bytes + mem.argument_size_in_bytes
-                                       + mem.output_size_in_bytes)
+        out[f"{name}_mem_bytes"] = int(
+            mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+        )
         out[f"{name}_temp_bytes"] = int(mem.temp_size_in_bytes)
         jax.block_until_ready(compiled(params, x_T))
         best = float("inf")
@@ -83,7 +96,7 @@ def write(results, out, args, platform):
         "# Scaling with the number of devices",
         "",
         f"`python benchmarks/scaling.py {' '.join(sys.argv[1:])}` on {platform}: global batch "
-        f"{args.batch} (x_T sharded along \"batch\"), state dim {args.dim}, MLP hidden "
+        f'{args.batch} (x_T sharded along "batch"), state dim {args.dim}, MLP hidden '
         f"{args.hidden}, {args.steps} DPM-Solver++(2M) steps, gradients by DiscreteAdjoint "
         f"with respect to the parameters and x_T; best of {args.repeats} runs. Memory: XLA's "
         "compiled per-device memory (arguments + outputs + temporaries).",
@@ -102,8 +115,9 @@ def write(results, out, args, platform):
         lines += [
             "",
             "**Host devices share this machine's CPU cores** (here 2 cores, shared with other "
-            "jobs), so samples/s and gradients/s do not grow with the device count (and are noisy: other jobs run on the same cores): every "
-            "\"device\" is a slice of the same CPUs. The point of this table is that the work "
+            "jobs), so samples/s and gradients/s do not grow with the device count (and are "
+            "noisy: other jobs run on the same cores): every "
+            '"device" is a slice of the same CPUs. The point of this table is that the work '
             "and the memory split: each device's compiled program holds batch / n rows "
             "(tests/test_sharding_split.py checks its HLO), and its memory falls about like "
             "1 / n. On a machine with n accelerators the throughput scales instead; run:",
@@ -123,8 +137,14 @@ def write(results, out, args, platform):
     ax[1].plot(d, [r["sample_mem_bytes"] / 1024 for r in results], "o-", label="sample")
     ax[1].plot(d, [r["grad_mem_bytes"] / 1024 for r in results], "s-", label="gradient")
     ax[1].plot(d, [results[0]["grad_mem_bytes"] / 1024 / n for n in d], "k:", label="1/n")
-    ax[1].set(xlabel="devices", ylabel="KiB per device", title="compiled memory per device",
-              xticks=d, xscale="log", yscale="log")
+    ax[1].set(
+        xlabel="devices",
+        ylabel="KiB per device",
+        title="compiled memory per device",
+        xticks=d,
+        xscale="log",
+        yscale="log",
+    )
     ax[1].legend()
     fig.suptitle(f"jadeis scaling ({platform})", fontsize=10)
     fig.tight_layout()
@@ -139,8 +159,11 @@ def main():
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--in-process", action="store_true",
-                   help="use the first n devices of this process (GPU/TPU machines)")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="use the first n devices of this process (GPU/TPU machines)",
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling"))
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -159,14 +182,32 @@ def main():
     else:
         platform = f"host CPU devices ({os.cpu_count()} cores shared)"
         for n in args.counts:
-            env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
-                os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
-            ).strip())
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"),
-                                                              env.get("PYTHONPATH")]))
-            cmd = [sys.executable, __file__, "--worker", str(n), "--batch", str(args.batch),
-                   "--dim", str(args.dim), "--hidden", str(args.hidden), "--steps",
-                   str(args.steps), "--repeats", str(args.repeats)]
+            env = dict(
+                os.environ,
+                JAX_PLATFORMS="cpu",
+                XLA_FLAGS=(
+                    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+                ).strip(),
+            )
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")])
+            )
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                str(n),
+                "--batch",
+                str(args.batch),
+                "--dim",
+                str(args.dim),
+                "--hidden",
+                str(args.hidden),
+                "--steps",
+                str(args.steps),
+                "--repeats",
+                str(args.repeats),
+            ]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not line:

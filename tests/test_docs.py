@@ -113,15 +113,27 @@ def test_api_reference_covers_all():
 
 def test_mkdocs_build_strict(tmp_path):
     missing = [
-        m for m in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python", "pymdownx")
+        m
+        for m in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python", "pymdownx")
         if importlib.util.find_spec(m.split(".")[0]) is None
         or (m == "mkdocstrings_handlers.python" and importlib.util.find_spec(m) is None)
     ]
     if missing:
-        pytest.skip(f"the docs extra is not installed (missing {missing}): pip install -e '.[docs]'")
+        pytest.skip(
+            f"the docs extra is not installed (missing {missing}): pip install -e '.[docs]'"
+        )
     proc = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"),
-         "-d", str(tmp_path / "site")],
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "-f",
+            str(ROOT / "mkdocs.yml"),
+            "-d",
+            str(tmp_path / "site"),
+        ],
         capture_output=True,
         text=True,
         timeout=600,

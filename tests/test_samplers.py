@@ -1,4 +1,5 @@
-"""ODE samplers against the closed-form Gaussian oracle (docs/math/samplers.md, docs/math/oracles.md).
+"""ODE samplers against the closed-form Gaussian oracle (docs/math/samplers.md,
+docs/math/oracles.md).
 
 Data N(mu, s^2 I): the probability-flow ODE has the exact solution ``GaussianOracle.flow``,
 so the sampler error is measurable exactly and its convergence order can be fitted.

@@ -1,4 +1,5 @@
-"""Noise schedules (docs/math/schedules.md): identities, inverses, beta tables, pytree behaviour, errors."""
+"""Noise schedules (docs/math/schedules.md): identities, inverses, beta tables, pytree
+behaviour, errors."""
 
 from __future__ import annotations
 

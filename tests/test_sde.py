@@ -2,8 +2,8 @@
 
 With the exact eps of Gaussian data every SDE sampler is a linear-Gaussian Markov chain
 (second order: in the pair (x_i, x_{i-1})), so the mean and variance of its output are
-computable exactly. ``chain_moments`` does that in numpy from the formulas in docs/math/samplers.md, written
-out independently of the library. The tests then check that
+computable exactly. ``chain_moments`` does that in numpy from the formulas in
+docs/math/samplers.md, written out independently of the library. The tests then check that
 
 - sampled moments (a big batch) equal the chain's moments within statistical tolerances
   derived from the sample size (the library implements the documented step, noise included);
@@ -37,7 +37,8 @@ def chain_moments(ts, kind, m0=0.0, v0=1.0):
     """Exact mean and variance (per coordinate) of the SDE sampler's output.
 
     eps(x, s) = sigma_s (x - alpha_s mu)/(alpha_s^2 s^2 + sigma_s^2) = pe x + qe, and the data
-    prediction D = (x - sigma eps)/alpha = pd x + qd, are affine in x. Steps (docs/math/samplers.md):
+    prediction D = (x - sigma eps)/alpha = pd x + qd, are affine in x. Steps
+    (docs/math/samplers.md):
       eps1:  x_t = (alpha_t/alpha_s) x_s - 2 sigma_t expm1(h) eps_s + sigma_t sqrt(expm1(2h)) xi
       data1: x_t = (sigma_t/sigma_s) e^{-h} x_s - alpha_t expm1(-2h) D_s
                    + sigma_t sqrt(-expm1(-2h)) xi

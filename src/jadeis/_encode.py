@@ -25,8 +25,8 @@ from ._core import (
 )
 from ._schedule import AbstractSchedule
 from ._solver import DDIM, AbstractSolver, RexLatent, SDEDPMSolver
-from ._solver.rex import AbstractRex
 from ._solver.base import AbstractLinearMultistepSolver
+from ._solver.rex import AbstractRex
 
 
 def _prepare(eps_fn, params, x_0, z, schedule, ts, solver, where):
@@ -100,10 +100,12 @@ def encode_ode(
     V.check_pytree_solver(x_0, solver, "x_0", where)
     problem = Problem(eps_fn, solver, Backprop(), per_step, "none", return_trajectory)
     if isinstance(solver, AbstractRex):
-        return _encode_rex(problem, Args(params, x_0, z, schedule, ts, None),
-                           V.checked_eagerly(ts, schedule))
-    return _encode_ode(problem, Args(params, x_0, z, schedule, ts, None),
-                       V.checked_eagerly(ts, schedule))
+        return _encode_rex(
+            problem, Args(params, x_0, z, schedule, ts, None), V.checked_eagerly(ts, schedule)
+        )
+    return _encode_ode(
+        problem, Args(params, x_0, z, schedule, ts, None), V.checked_eagerly(ts, schedule)
+    )
 
 
 @eqx.filter_jit
@@ -219,8 +221,10 @@ def encode_sde(
     if path is not None and not isinstance(x_0, jax.Array):
         try:
             path = jax.tree.map(lambda v, p: jnp.asarray(p), x_0, path)
-            ok = all(p.shape == (n + 1,) + v.shape
-                     for p, v in zip(jax.tree.leaves(path), jax.tree.leaves(x_0)))
+            ok = all(
+                p.shape == (n + 1,) + v.shape
+                for p, v in zip(jax.tree.leaves(path), jax.tree.leaves(x_0))
+            )
         except (ValueError, TypeError):
             ok = False
         if not ok:
@@ -239,8 +243,13 @@ def encode_sde(
     else:
         _, key = V.prepare_noise(solver, key, None, n, x_0, where)
     problem = Problem(eps_fn, solver, Backprop(), per_step, "none", False)
-    return _encode_sde(problem, Args(params, x_0, z, schedule, ts, None), key, path,
-                       V.checked_eagerly(ts, schedule))
+    return _encode_sde(
+        problem,
+        Args(params, x_0, z, schedule, ts, None),
+        key,
+        path,
+        V.checked_eagerly(ts, schedule),
+    )
 
 
 @eqx.filter_jit
@@ -279,10 +288,13 @@ def _posterior_path(schedule, ts, x_0, key):
     For a pytree ``x_0``, leaf ``j`` draws its path with ``fold_in(key, j)``."""
     if not isinstance(x_0, jax.Array):
         leaves, treedef = jax.tree.flatten(x_0)
-        return jax.tree.unflatten(treedef, [
-            _posterior_path(schedule, ts, v, jax.random.fold_in(key, j))
-            for j, v in enumerate(leaves)
-        ])
+        return jax.tree.unflatten(
+            treedef,
+            [
+                _posterior_path(schedule, ts, v, jax.random.fold_in(key, j))
+                for j, v in enumerate(leaves)
+            ],
+        )
     dtype = x_0.dtype
     n = ts.shape[0] - 1
     la = schedule.log_alpha(ts)

@@ -96,12 +96,22 @@ def sample(
             stacklevel=2,
         )
         traj = sample_trajectory(
-            eps_fn, params, x_T, z, schedule=schedule, ts=ts, solver=solver, adjoint=adjoint,
-            key=key, noise=noise, check_finite=check_finite,
+            eps_fn,
+            params,
+            x_T,
+            z,
+            schedule=schedule,
+            ts=ts,
+            solver=solver,
+            adjoint=adjoint,
+            key=key,
+            noise=noise,
+            check_finite=check_finite,
         )
         return traj[-1], traj
-    problem, args = _prepare("sample", eps_fn, params, x_T, z, schedule, ts, solver, adjoint,
-                             key, noise, False)
+    problem, args = _prepare(
+        "sample", eps_fn, params, x_T, z, schedule, ts, solver, adjoint, key, noise, False
+    )
     return _sample(problem, args, check_finite, V.checked_eagerly(args.ts, args.schedule))[0]
 
 
@@ -139,8 +149,9 @@ def sample_trajectory(
 
     ```
     """
-    problem, args = _prepare("sample_trajectory", eps_fn, params, x_T, z, schedule, ts, solver,
-                             adjoint, key, noise, True)
+    problem, args = _prepare(
+        "sample_trajectory", eps_fn, params, x_T, z, schedule, ts, solver, adjoint, key, noise, True
+    )
     return _sample(problem, args, check_finite, V.checked_eagerly(args.ts, args.schedule))[1]
 
 
@@ -165,11 +176,14 @@ def _sample(problem: Problem, args: Args, check_finite: bool, ts_checked: bool):
     if not ts_checked:
         args = args._replace(ts=V.check_ts_traced(args.ts, args.schedule, where))
     if check_finite:
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v))
-                                    for v in jax.tree.leaves(args.x_T)]))
-        args = args._replace(x_T=eqx.error_if(
-            args.x_T, ~finite, f"{where}: x_T has non-finite values (NaN or inf).",
-        ))
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(args.x_T)]))
+        args = args._replace(
+            x_T=eqx.error_if(
+                args.x_T,
+                ~finite,
+                f"{where}: x_T has non-finite values (NaN or inf).",
+            )
+        )
     x_0, traj = problem.adjoint.run(problem, args)
     if check_finite:
         x_0 = eqx.error_if(

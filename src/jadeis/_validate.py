@@ -164,8 +164,13 @@ def is_pytree_state(x) -> bool:
     if isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex, bool)):
         return False
     if type(x) in (list, tuple):
-        return not all(np.ndim(v) == 0 and not isinstance(v, (jax.Array, np.ndarray))
-                       for v in jax.tree.leaves(x)) and len(jax.tree.leaves(x)) > 0
+        return (
+            not all(
+                np.ndim(v) == 0 and not isinstance(v, (jax.Array, np.ndarray))
+                for v in jax.tree.leaves(x)
+            )
+            and len(jax.tree.leaves(x)) > 0
+        )
     return True
 
 
@@ -274,8 +279,7 @@ def _check_model_tree(eps_fn, params, x, t, z, where: str):
         for o, v in zip(jax.tree.leaves(out), jax.tree.leaves(x))
     )
     if not ok:
-        got = jax.tree.map(lambda o: (getattr(o, "shape", None), str(getattr(o, "dtype", ""))),
-                           out)
+        got = jax.tree.map(lambda o: (getattr(o, "shape", None), str(getattr(o, "dtype", ""))), out)
         raise ValueError(
             f"{where}: for a pytree state, eps_fn must return a pytree of the same structure "
             f"with floating-point leaves of the shapes of x's ({want}); it returned {got}."
@@ -385,8 +389,10 @@ def _check_noise_tree(solver, noise, n: int, x, where: str):
             f"(N,) + leaf shape, i.e. {want}; got {jax.tree.structure(noise)} for x_T's "
             f"{jax.tree.structure(x)}."
         ) from None
-    if any(v.shape != (n,) + solver.noise_shape(u.shape)
-           for v, u in zip(jax.tree.leaves(noise), jax.tree.leaves(x))):
+    if any(
+        v.shape != (n,) + solver.noise_shape(u.shape)
+        for v, u in zip(jax.tree.leaves(noise), jax.tree.leaves(x))
+    ):
         got = jax.tree.map(lambda v: v.shape, noise)
         raise ValueError(
             f"{where}: noise must be a pytree of the structure of x_T with leaves of shape "

@@ -47,13 +47,18 @@ def mlp(params, x, t, z):
 
 
 k = jax.random.split(jax.random.key(0), 5)
-params = (jax.random.normal(k[1], (D, H)) / 3, jax.random.normal(k[2], (H,)) / 4,
-          jax.random.normal(k[3], (H, D)) / 4)
+params = (
+    jax.random.normal(k[1], (D, H)) / 3,
+    jax.random.normal(k[2], (H,)) / 4,
+    jax.random.normal(k[3], (H, D)) / 4,
+)
 x_T = jax.random.normal(k[0], (B, D))
 z = jax.random.normal(k[4], (B, H)) / 4
 SHAPE = re.compile(r"\b[a-z]+[0-9]*\[([0-9,]*)\]")
-COLLECTIVE = re.compile(r"= .*\b(all-gather|all-to-all|collective-permute|reduce-scatter|"
-                        r"all-reduce)(-start)?\(")
+COLLECTIVE = re.compile(
+    r"= .*\b(all-gather|all-to-all|collective-permute|reduce-scatter|"
+    r"all-reduce)(-start)?\("
+)
 
 
 def shapes(line):
@@ -94,8 +99,9 @@ def check(name, f, args, expect, ref=None):
         assert o.sharding.is_equivalent_to(e, o.ndim), (name, o.sharding.spec, e)
     if ref is not None:
         for o, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
-            np.testing.assert_allclose(np.asarray(o), np.asarray(r), rtol=1e-9, atol=1e-11,
-                                       err_msg=name)
+            np.testing.assert_allclose(
+                np.asarray(o), np.asarray(r), rtol=1e-9, atol=1e-11, err_msg=name
+            )
     return out
 
 
@@ -139,57 +145,112 @@ def run(kind, full):
     xs, zs = jax.device_put(x_T, row), jax.device_put(z, row)
     S = dict(schedule=sch, ts=ts)
     with ctx:
-        check("sample", lambda x, z: jadeis.sample(mlp, params, x, z, **S), (xs, zs), row,
-              REF["sample"])
+        check(
+            "sample",
+            lambda x, z: jadeis.sample(mlp, params, x, z, **S),
+            (xs, zs),
+            row,
+            REF["sample"],
+        )
         if not full:
-            g = lambda x, z, p: jax.grad(lambda x, z, p: jnp.sum(jadeis.sample(  # noqa: E731
-                mlp, p, x, z, **S) ** 2), argnums=(0, 1, 2))(x, z, p)
-            check("grad", g, (xs, zs, params), (row, row) + (rep,) * 3, REF["grad DiscreteAdjoint()"])
+            g = lambda x, z, p: jax.grad(
+                lambda x, z, p: jnp.sum(
+                    jadeis.sample(  # noqa: E731
+                        mlp, p, x, z, **S
+                    )
+                    ** 2
+                ),
+                argnums=(0, 1, 2),
+            )(x, z, p)
+            check(
+                "grad", g, (xs, zs, params), (row, row) + (rep,) * 3, REF["grad DiscreteAdjoint()"]
+            )
             print("ok", kind, "(short)", flush=True)
             return
         sde = dict(solver=jadeis.SDEDPMSolverPP(), **S)
-        check("sample sde key", lambda x, z: jadeis.sample(mlp, params, x, z, key=jax.random.key(1),
-                                                           **sde), (xs, zs), row, REF["sde key"])
+        check(
+            "sample sde key",
+            lambda x, z: jadeis.sample(mlp, params, x, z, key=jax.random.key(1), **sde),
+            (xs, zs),
+            row,
+            REF["sde key"],
+        )
         noise = jax.device_put(jax.random.normal(jax.random.key(3), (N, B, D)), col)
-        check("sample sde noise", lambda x, z, nz: jadeis.sample(mlp, params, x, z, noise=nz, **sde),
-              (xs, zs, noise), row)
-        traj = check("sample_trajectory", lambda x, z: jadeis.sample_trajectory(
-            mlp, params, x, z, **S), (xs, zs), col, REF["trajectory"])
+        check(
+            "sample sde noise",
+            lambda x, z, nz: jadeis.sample(mlp, params, x, z, noise=nz, **sde),
+            (xs, zs, noise),
+            row,
+        )
+        traj = check(
+            "sample_trajectory",
+            lambda x, z: jadeis.sample_trajectory(mlp, params, x, z, **S),
+            (xs, zs),
+            col,
+            REF["trajectory"],
+        )
         for adj in ADJOINTS:
             g = lambda x, z, p, adj=adj: jax.grad(  # noqa: E731
                 lambda x, z, p: jnp.sum(jadeis.sample(mlp, p, x, z, adjoint=adj, **S) ** 2),
-                argnums=(0, 1, 2))(x, z, p)
-            check(f"grad {adj}", g, (xs, zs, params), (row, row) + (rep,) * 3,
-                  REF[f"grad {adj}"])
-        g = lambda x, z, nz: jax.grad(lambda x, z, nz: jnp.sum(jadeis.sample(  # noqa: E731
-            mlp, params, x, z, noise=nz, adjoint=jadeis.DiscreteAdjoint(), **sde) ** 2),
-            argnums=(0, 1, 2))(x, z, nz)
+                argnums=(0, 1, 2),
+            )(x, z, p)
+            check(f"grad {adj}", g, (xs, zs, params), (row, row) + (rep,) * 3, REF[f"grad {adj}"])
+        g = lambda x, z, nz: jax.grad(
+            lambda x, z, nz: jnp.sum(
+                jadeis.sample(  # noqa: E731
+                    mlp, params, x, z, noise=nz, adjoint=jadeis.DiscreteAdjoint(), **sde
+                )
+                ** 2
+            ),
+            argnums=(0, 1, 2),
+        )(x, z, nz)
         check("grad sde noise", g, (xs, zs, noise), (row, row, col))
-        for adj, kw in [(jadeis.AdjointDEIS(), {}), (jadeis.DiscreteAdjoint(),
-                                                     {"solver": jadeis.DPMSolverPP(order=2)})]:
+        for adj, kw in [
+            (jadeis.AdjointDEIS(), {}),
+            (jadeis.DiscreteAdjoint(), {"solver": jadeis.DPMSolverPP(order=2)}),
+        ]:
             f = lambda tr, z, adj=adj, kw=kw: jadeis.solve_adjoint(  # noqa: E731
-                mlp, params, z, tr[-1], trajectory=tr, adjoint=adj, **kw, **S)
+                mlp, params, z, tr[-1], trajectory=tr, adjoint=adj, **kw, **S
+            )
             check(f"solve_adjoint {adj}", f, (traj, zs), (row, row) + (rep,) * 3)
         f = lambda x0, z: jadeis.solve_adjoint(  # noqa: E731
-            mlp, params, z, x0, x_0=x0, adjoint=jadeis.AdjointDEIS(trajectory="reconstruct"), **S)
+            mlp, params, z, x0, x_0=x0, adjoint=jadeis.AdjointDEIS(trajectory="reconstruct"), **S
+        )
         check("solve_adjoint reconstruct", f, (traj[-1], zs), (row, row) + (rep,) * 3)
-        check("encode_ode", lambda x, z: jadeis.encode_ode(mlp, params, x, z, **S), (xs, zs), row,
-              REF["encode_ode"])
-        check("encode_sde", lambda x, z: jadeis.encode_sde(
-            mlp, params, x, z, key=jax.random.key(2), solver=jadeis.SDEDPMSolverPP(), **S),
-            (xs, zs), (row, col), REF["encode_sde"])
+        check(
+            "encode_ode",
+            lambda x, z: jadeis.encode_ode(mlp, params, x, z, **S),
+            (xs, zs),
+            row,
+            REF["encode_ode"],
+        )
+        check(
+            "encode_sde",
+            lambda x, z: jadeis.encode_sde(
+                mlp, params, x, z, key=jax.random.key(2), solver=jadeis.SDEDPMSolverPP(), **S
+            ),
+            (xs, zs),
+            (row, col),
+            REF["encode_sde"],
+        )
         # guide runs the module-level compiled step of jadeis.Guidance: its program, lowered
         # for these (sharded) inputs
         guide_loss = lambda x0: jnp.sum((x0 - 1.0) ** 2, axis=-1)  # noqa: E731
         opt = optax.adam(0.05)
-        res = jadeis.guide(guide_loss, mlp, params, xs, zs, optimizer=opt, num_iters=2,
-                           progress=False, **S)
+        res = jadeis.guide(
+            guide_loss, mlp, params, xs, zs, optimizer=opt, num_iters=2, progress=False, **S
+        )
         from jadeis._guidance._guide import _step
 
         g = jadeis.Guidance(guide_loss, mlp, optimizer=opt, **S)
         st = g.init(params, xs, zs)
-        program = _step.lower(g, st.opt_vars, st.opt_state, st.fixed, st.iteration, st.key,
-                              st.noise, (), True).compile().compiled.as_text()
+        program = (
+            _step.lower(
+                g, st.opt_vars, st.opt_state, st.fixed, st.iteration, st.key, st.noise, (), True
+            )
+            .compile()
+            .compiled.as_text()
+        )
         assert not (bad := problems_in(program)), ("guide", bad)
         for o in (res.x_T, res.z, res.x_0):
             assert o.sharding.is_equivalent_to(row, 2), ("guide", o.sharding.spec)
@@ -197,31 +258,59 @@ def run(kind, full):
         # learn_time_grid: ts is a traced function of the logits, so its values are checked
         # by a host callback, which must see ts only
         with jit_programs() as programs:
-            jadeis.learn_time_grid(mlp, params, xs, zs, schedule=sch, n=N, num_iters=1,
-                                   reference=jax.device_put(REF["sample"], row))
+            jadeis.learn_time_grid(
+                mlp,
+                params,
+                xs,
+                zs,
+                schedule=sch,
+                n=N,
+                num_iters=1,
+                reference=jax.device_put(REF["sample"], row),
+            )
         assert len(programs) == 1, programs
         assert not (bad := problems_in(programs[0], callbacks_ok=True)), ("grid", bad)
     print("ok", kind, flush=True)
 
 
-ADJOINTS = [jadeis.DiscreteAdjoint(), jadeis.DiscreteAdjoint(fast=False), jadeis.AdjointDEIS(),
-            jadeis.AdjointDEIS(trajectory="reconstruct"), jadeis.Backprop()]
+ADJOINTS = [
+    jadeis.DiscreteAdjoint(),
+    jadeis.DiscreteAdjoint(fast=False),
+    jadeis.AdjointDEIS(),
+    jadeis.AdjointDEIS(trajectory="reconstruct"),
+    jadeis.Backprop(),
+]
 # single-device references
 S = dict(schedule=sch, ts=ts)
 REF = {
     "sample": jadeis.sample(mlp, params, x_T, z, **S),
-    "sde key": jadeis.sample(mlp, params, x_T, z, key=jax.random.key(1),
-                             solver=jadeis.SDEDPMSolverPP(), **S),
+    "sde key": jadeis.sample(
+        mlp, params, x_T, z, key=jax.random.key(1), solver=jadeis.SDEDPMSolverPP(), **S
+    ),
     "trajectory": jadeis.sample_trajectory(mlp, params, x_T, z, **S),
     "encode_ode": jadeis.encode_ode(mlp, params, x_T, z, **S),
-    "encode_sde": jadeis.encode_sde(mlp, params, x_T, z, key=jax.random.key(2),
-                                    solver=jadeis.SDEDPMSolverPP(), **S),
-    "guide": jadeis.guide(lambda x0: jnp.sum((x0 - 1.0) ** 2, axis=-1), mlp, params, x_T, z,
-                          optimizer=optax.adam(0.05), num_iters=2, progress=False, **S).x_0,
+    "encode_sde": jadeis.encode_sde(
+        mlp, params, x_T, z, key=jax.random.key(2), solver=jadeis.SDEDPMSolverPP(), **S
+    ),
+    "guide": jadeis.guide(
+        lambda x0: jnp.sum((x0 - 1.0) ** 2, axis=-1),
+        mlp,
+        params,
+        x_T,
+        z,
+        optimizer=optax.adam(0.05),
+        num_iters=2,
+        progress=False,
+        **S,
+    ).x_0,
 }
 for adj in ADJOINTS:
-    REF[f"grad {adj}"] = jax.jit(jax.grad(lambda x, z, p, adj=adj: jnp.sum(jadeis.sample(
-        mlp, p, x, z, adjoint=adj, **S) ** 2), argnums=(0, 1, 2)))(x_T, z, params)
+    REF[f"grad {adj}"] = jax.jit(
+        jax.grad(
+            lambda x, z, p, adj=adj: jnp.sum(jadeis.sample(mlp, p, x, z, adjoint=adj, **S) ** 2),
+            argnums=(0, 1, 2),
+        )
+    )(x_T, z, params)
 
 for arg in sys.argv[1:]:
     kind, _, size = arg.partition(":")
@@ -233,8 +322,9 @@ xs = jax.device_put(x_T, NamedSharding(mesh, P("batch")))
 hlo = jax.jit(lambda x: jnp.sin(eqx.error_if(x, jnp.any(x > 9), "bad"))).lower(xs).compile()
 assert problems_in(hlo.as_text()), "canary: the HLO checks missed a gathered state"
 print("CANARY", file=sys.stderr, flush=True)
-with jax.set_mesh(em := jax.make_mesh((4,), ("batch",),
-                                      axis_types=(jax.sharding.AxisType.Explicit,))):
+with jax.set_mesh(
+    em := jax.make_mesh((4,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
+):
     xe = jax.device_put(x_T, NamedSharding(em, P("batch")))
     jax.jit(lambda x: jnp.sin(eqx.error_if(x, jnp.any(x > 9), "bad"))).lower(xe).compile()
 print("ALL OK", flush=True)

@@ -7,6 +7,6 @@ from .base import (
 from .ddim import DDIM as DDIM
 from .dpm_solver import DPMSolver as DPMSolver
 from .dpm_solver_pp import DPMSolverPP as DPMSolverPP
-from .sde import SDEDPMSolver as SDEDPMSolver, SDEDPMSolverPP as SDEDPMSolverPP
 from .rex import AbstractRex as AbstractRex, Rex as Rex, RexLatent as RexLatent, SDERex as SDERex
+from .sde import SDEDPMSolver as SDEDPMSolver, SDEDPMSolverPP as SDEDPMSolverPP
 from .unipc import UniPC as UniPC
