@@ -216,9 +216,8 @@ class Guidance(eqx.Module):
             opt_state = self.optimizer.init(opt_vars)
         return GuideState(opt_vars, opt_state, fixed, jnp.zeros((), jnp.int32), key, noise)
 
-    def step(self, state: GuideState, loss_args: tuple = ()) -> GuideState:
-        """One update; the returned state's ``loss``/``x_0`` are those before the update."""
-        opt_vars, opt_state, loss, x_0 = _step(
+    def _run(self, state: GuideState, loss_args):
+        return _step(
             self,
             state.opt_vars,
             state.opt_state,
@@ -229,6 +228,10 @@ class Guidance(eqx.Module):
             tuple(loss_args),
             True,
         )
+
+    def step(self, state: GuideState, loss_args: tuple = ()) -> GuideState:
+        """One update; the returned state's ``loss``/``x_0`` are those before the update."""
+        opt_vars, opt_state, loss, x_0 = self._run(state, loss_args)
         return state._replace(
             opt_vars=opt_vars,
             opt_state=opt_state,
@@ -239,17 +242,7 @@ class Guidance(eqx.Module):
 
     def loss(self, state: GuideState, loss_args: tuple = ()):
         """``(loss, x_0)`` of the state's current values (no update; same compiled step)."""
-        _, _, loss, x_0 = _step(
-            self,
-            state.opt_vars,
-            state.opt_state,
-            state.fixed,
-            state.iteration,
-            state.key,
-            state.noise,
-            tuple(loss_args),
-            True,
-        )
+        _, _, loss, x_0 = self._run(state, loss_args)
         return loss, x_0
 
 
