@@ -10,8 +10,9 @@ Sampling
     ``ts[-1]`` (differentiable); ``solve_adjoint`` and ``AdjointResult``: the backward pass
     for a forward pass run elsewhere.
 Solvers (``solver=``)
-    ``DDIM``, ``DPMSolver``, ``DPMSolverPP``, ``SDEDPMSolver``, ``SDEDPMSolverPP``;
-    ``AbstractSolver`` is their base class.
+    ``DDIM``, ``DPMSolver``, ``DPMSolverPP``, ``UniPC``, ``SinglestepDPMSolver``,
+    ``SDEDPMSolver``, ``SDEDPMSolverPP``, ``Rex``, ``SDERex``; ``Adaptive`` (adaptive step
+    sizes with error control); ``AbstractSolver`` is their base class.
 Gradient strategies (``adjoint=``)
     ``DiscreteAdjoint`` (default: the exact gradient of the sampler), ``AdjointDEIS`` (the
     continuous adjoint), ``Backprop`` (autodiff through every step); ``AbstractAdjoint``.
@@ -71,6 +72,7 @@ from ._schedule import (
 )
 from ._solver import (
     DDIM as DDIM,
+    Adaptive as Adaptive,
     AbstractSolver as AbstractSolver,
     DPMSolver as DPMSolver,
     DPMSolverPP as DPMSolverPP,
@@ -79,6 +81,7 @@ from ._solver import (
     SDEDPMSolver as SDEDPMSolver,
     SDEDPMSolverPP as SDEDPMSolverPP,
     SDERex as SDERex,
+    SinglestepDPMSolver as SinglestepDPMSolver,
     UniPC as UniPC,
 )
 
@@ -86,6 +89,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AbstractAdjoint",
+    "Adaptive",
     "AbstractLoss",
     "AbstractSchedule",
     "AbstractSolver",
@@ -113,6 +117,7 @@ __all__ = [
     "SDEDPMSolver",
     "SDEDPMSolverPP",
     "SDERex",
+    "SinglestepDPMSolver",
     "UniPC",
     "VE",
     "VPCosine",

@@ -10,12 +10,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from . import _validate as V
+from . import _adaptive, _validate as V
 from ._adjoint import AbstractAdjoint, AdjointDEIS, DiscreteAdjoint  # noqa: F401
 from ._conditioning import ConditioningFn
 from ._core import Args, Problem
 from ._schedule import AbstractSchedule
-from ._solver import AbstractSolver, DPMSolverPP, RexLatent, SDEDPMSolver
+from ._solver import Adaptive, AbstractSolver, DPMSolverPP, RexLatent, SDEDPMSolver
 from ._trajectory_check import check_trajectory as check_trajectory_of
 
 
@@ -165,7 +165,10 @@ def _prepare(where, eps_fn, params, x_T, z, schedule, ts, solver, adjoint, key, 
     z, per_step, _ = V.prepare_z(z, ts, where)
     noise_mode, noise_arg = V.prepare_noise(solver, key, noise, n, x_arr, where)
     problem = Problem(eps_fn, solver, adjoint, per_step, noise_mode, traj)
-    adjoint.check(problem, n)
+    if isinstance(solver, Adaptive):
+        V.check_adaptive(problem, ts, x_T, schedule, where)
+    else:
+        adjoint.check(problem, n)
     return problem, Args(params, x_T, z, schedule, ts, noise_arg)
 
 
@@ -184,7 +187,10 @@ def _sample(problem: Problem, args: Args, check_finite: bool, ts_checked: bool):
                 f"{where}: x_T has non-finite values (NaN or inf).",
             )
         )
-    x_0, traj = problem.adjoint.run(problem, args)
+    if isinstance(problem.solver, Adaptive):
+        x_0, traj = _adaptive.run(problem, args), None
+    else:
+        x_0, traj = problem.adjoint.run(problem, args)
     if check_finite:
         x_0 = eqx.error_if(
             x_0,

@@ -40,6 +40,14 @@ def check_solver(solver, where: str):
             f"{where}: solver must be a jadeis sampler such as jadeis.DPMSolverPP(order=2), "
             f"got {solver!r}."
         )
+    from ._solver import Adaptive
+
+    if isinstance(solver, Adaptive) and where != "sample":
+        raise ValueError(
+            f"{where}: adaptive step sizes (jadeis.Adaptive) are supported by jadeis.sample "
+            f"only; use a fixed grid here (ts of N + 1 times and a fixed-step solver such as "
+            f"{solver.solver!r})."
+        )
 
 
 def check_adjoint(adjoint, where: str):
@@ -401,3 +409,64 @@ def _check_noise_tree(solver, noise, n: int, x, where: str):
     if not all(jnp.issubdtype(v.dtype, jnp.floating) for v in jax.tree.leaves(noise)):
         raise ValueError(f"{where}: the leaves of noise must be floating-point arrays.")
     return noise
+
+
+def check_adaptive(problem, ts, x_T, schedule, where: str):
+    """What :class:`jadeis.Adaptive` supports: ``sample`` with the two end times, an
+    array or pytree state, constant conditioning, DiscreteAdjoint (or ReversibleAdjoint for a
+    Rex solver)."""
+    from ._adjoint import DiscreteAdjoint, ReversibleAdjoint
+    from ._solver import RexLatent
+
+    solver = problem.solver
+    if where != "sample":
+        raise ValueError(
+            f"{where}: adaptive step sizes (jadeis.Adaptive) are supported by jadeis.sample "
+            f"only; use a fixed grid here (ts of N + 1 times and a fixed-step solver)."
+        )
+    if ts.shape[0] != 2:
+        raise ValueError(
+            f"{where}: with jadeis.Adaptive, ts must hold the two end times [t_T, t_0] (the "
+            f"controller chooses the steps in between), got {ts.shape[0]} times."
+        )
+    if _concrete(ts, schedule):
+        lam = np.asarray(schedule.log_snr(jnp.asarray(ts)), np.float64)
+        if not np.all(np.isfinite(lam)):
+            raise ValueError(
+                f"{where}: jadeis.Adaptive needs finite log-SNRs at both end times; ts[-1] with "
+                f"sigma = 0 (time_grid(..., final='zero')) is not supported. End at "
+                f"schedule.t_min instead."
+            )
+    if not isinstance(x_T, (jax.Array, RexLatent)) and callable(
+        getattr(solver.solver, "inverse_step", None)
+    ):
+        check_pytree_solver(x_T, solver.solver, "x_T", where)
+    if isinstance(x_T, RexLatent):
+        raise ValueError(
+            f"{where}: a RexLatent cannot be decoded with adaptive steps (it is tied to the grid "
+            f"it was encoded on); decode it with that fixed grid and solver={x_T.solver!r}."
+        )
+    if problem.per_step_z:
+        raise ValueError(
+            f"{where}: per-step conditioning (PerStep / ConditioningFn) needs a fixed grid; with "
+            f"jadeis.Adaptive pass constant conditioning z."
+        )
+    if problem.return_trajectory:
+        raise ValueError(
+            f"{where}: jadeis.Adaptive returns x_0 only (the number of steps is not known in "
+            f"advance); use jadeis.sample."
+        )
+    adjoint = problem.adjoint
+    if isinstance(adjoint, ReversibleAdjoint):
+        if not callable(getattr(solver.solver, "inverse_step", None)):
+            raise ValueError(
+                f"{where}: ReversibleAdjoint needs a reversible solver inside Adaptive (such as "
+                f"jadeis.Rex()); {type(solver.solver).__name__} has none. Use "
+                f"DiscreteAdjoint()."
+            )
+    elif not isinstance(adjoint, DiscreteAdjoint):
+        raise ValueError(
+            f"{where}: jadeis.Adaptive supports adjoint=DiscreteAdjoint() (the exact gradient of "
+            f"the accepted steps) and, with a Rex solver, ReversibleAdjoint(); "
+            f"{type(adjoint).__name__} cannot differentiate through the adaptive loop."
+        )

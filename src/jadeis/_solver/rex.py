@@ -281,7 +281,35 @@ class Rex(AbstractRex):
     def _lawson(self, log_alpha, log_sigma):
         return jnp.exp(log_sigma if self.prediction == "data" else log_alpha)
 
-    def psi(self, model, stages, h, y, xi, sign):
+    @property
+    def error_order(self) -> int:
+        """The order of the embedded error estimate's leading term (for :class:`jadeis.Adaptive`):
+        midpoint is paired with Euler (2), rk3 and rk4 with the midpoint rule through their
+        second stage (3). Euler has no embedded estimate."""
+        if self.scheme == "euler":
+            raise ValueError(
+                "Rex(scheme='euler') has no embedded error estimate, so it cannot take adaptive "
+                "steps; use scheme='midpoint', 'rk3' or 'rk4' with jadeis.Adaptive."
+            )
+        return 2 if self.scheme == "midpoint" else 3
+
+    def step_with_error(self, model, inp: RexInputs, state, xi=None):
+        """``(state_next, error)``: :meth:`step` and the error estimate of its forward
+        increment, ``L_{n+1}`` times the difference between the base scheme and its embedded
+        lower-order rule (Euler for midpoint, the midpoint rule for rk3/rk4), which share the
+        stages."""
+        self.error_order  # noqa: B018 - raises for Euler
+        x, xh = state
+        z = self.coupling
+        y, yh = x / inp.L0, xh / inp.L0
+        ks = self._stages(model, inp.fwd, inp.h, yh)
+        inc = self._combine(inp.h, ks)
+        low = inp.h * (ks[0] if self.scheme == "midpoint" else ks[1])
+        y1 = z * y + (1.0 - z) * yh + inc
+        yh1 = yh - self.psi(model, inp.bwd, -inp.h, y1, xi, -1.0)
+        return (inp.L1 * y1, inp.L1 * yh1), inp.L1 * (inc - low)
+
+    def _stages(self, model, stages, h, y):
         _, A, b = _TABLEAUS[self.scheme]
         ks = []
         for i in range(len(b)):
@@ -291,12 +319,19 @@ class Rex(AbstractRex):
                     if a_ij != 0.0:
                         Y = Y + (a_ij * h) * ks[j]
             ks.append(self._rhs(model, stages, i, Y))
+        return ks
+
+    def _combine(self, h, ks):
+        _, _, b = _TABLEAUS[self.scheme]
         out = None
         for b_i, k in zip(b, ks):
             if b_i != 0.0:
                 term = (b_i * h) * k
                 out = term if out is None else out + term
         return out
+
+    def psi(self, model, stages, h, y, xi, sign):
+        return self._combine(h, self._stages(model, stages, h, y))
 
 
 class SDERex(AbstractRex):
