@@ -82,6 +82,10 @@ class Method:
     note: str = ""
     spacing: str = "logsnr"  # time_grid spacing of the fixed-grid settings
     tags: frozenset = frozenset()
+    # the setting is static (a Python float passed as make(..., tol=setting)): one
+    # compilation per setting (jadeis.Adaptive's tolerances are part of the solver)
+    static_setting: bool = False
+    stages: int = 0  # model evaluations per attempted step (adaptive jadeis methods)
 
 
 # ----------------------------------------------------------------------------------------
@@ -181,6 +185,44 @@ def jadeis_method(name, solver, adjoint, counts, note="", spacing="logsnr", tags
     key = f"jadeis {type(solver).__name__}({solver.order}) {spacing}"
     tags = frozenset({"jadeis", "fixed", spacing, *tags})
     return Method(name, "jadeis", "N", make, counts, key, note, spacing, tags)
+
+
+def jadeis_adaptive(name, inner, adjoint, pid=(0.0, 1.0, 0.0), max_steps=1024, note="",
+                    tags=()):
+    """jadeis.Adaptive(inner, rtol=atol=tol) from t_max to t_min; the tolerance is static
+    (one compilation per tolerance); evaluations and VJPs counted by instrumentation."""
+    pcoeff, icoeff, dcoeff = pid
+
+    def make(problem, eps_fn=None, xT_only=False, tol=1e-3):
+        eps_fn = problem.eps_fn if eps_fn is None else eps_fn
+        sch = problem.schedule
+        solver = jadeis.Adaptive(
+            inner, rtol=float(tol), atol=float(tol), pcoeff=pcoeff, icoeff=icoeff,
+            dcoeff=dcoeff, max_steps=max_steps,
+        )
+
+        def x0_fn(x_T, z, params, extra, adj=adjoint):
+            ends = jnp.asarray([sch.t_max, sch.t_min], x_T.dtype)
+            x0 = jadeis.sample(
+                eps_fn, params, x_T, z, schedule=sch, ts=ends, solver=solver, adjoint=adj
+            )
+            return x0, jnp.asarray(-1)  # accepted steps: not returned by sample
+
+        def fwd(x_T, z, params, extra):
+            return x0_fn(x_T, z, params, extra)[0]
+
+        return fwd, _loss_grad(problem, x0_fn, xT_only)
+
+    kind = type(inner).__name__
+    key = f"jadeis Adaptive {kind}({inner.order}) {pid}"
+    tags = frozenset({"jadeis", "adaptive", *tags})
+    stages = inner.order if isinstance(inner, jadeis.SinglestepDPMSolver) else 2 * len(
+        jadeis._solver.rex._TABLEAUS[inner.scheme][2]
+    )
+    return Method(
+        name, "jadeis", "tol", make, None, key, note, tags=tags, static_setting=True,
+        stages=stages,
+    )
 
 
 def _diffrax_solve(problem, eps_fn, variable, solver, controller_fn, adjoint, max_steps):
@@ -423,6 +465,38 @@ def all_methods() -> list[Method]:
             lambda n: (n, n),
             "jax.grad through the sampler's scan",
             tags=("backprop", "dpm2", "redundant"),  # slower than Backprop DPM++(3M)
+        )
+    )
+    for order, roles in ((3, ("quick", "e2e")), (2, ())):
+        ms.append(
+            jadeis_adaptive(
+                f"Adaptive DPM-Solver-{order - 1}{order} (data)",
+                jadeis.SinglestepDPMSolver(order, "data"),
+                jadeis.DiscreteAdjoint(),
+                note=f"jadeis.Adaptive(SinglestepDPMSolver({order})): the DPM-Solver-"
+                f"{order - 1}{order} pair, I-controller in log-SNR, DiscreteAdjoint of the "
+                "accepted steps",
+                tags=("discrete", f"ss{order}", *roles),
+            )
+        )
+    ms.append(
+        jadeis_adaptive(
+            "Adaptive DPM-Solver-23 (data) PI",
+            jadeis.SinglestepDPMSolver(3, "data"),
+            jadeis.DiscreteAdjoint(),
+            pid=(0.4, 0.3, 0.0),
+            note="as Adaptive DPM-Solver-23 with a PI controller (pcoeff 0.4, icoeff 0.3)",
+            tags=("discrete", "ss3", "pi"),
+        )
+    )
+    ms.append(
+        jadeis_adaptive(
+            "Adaptive Rex rk3 ReversibleAdjoint",
+            jadeis.Rex("rk3"),
+            jadeis.ReversibleAdjoint(),
+            note="jadeis.Adaptive(Rex('rk3')) with ReversibleAdjoint: memory independent of "
+            "the number of steps",
+            tags=("reversible", "rex"),
         )
     )
     adaptive_roles = {

@@ -17,12 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy.optimize import brentq
 
 import jadeis
 from jadeis import _adaptive
 from jadeis._sample import _prepare
-
-from scipy.optimize import brentq
 
 from ._shared import np_alpha, np_lambda, np_sigma
 from .helpers import RandomMLP, diffrax_reference, fitted_order

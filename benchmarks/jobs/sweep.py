@@ -4,6 +4,8 @@ compiled memory of every selected method over step counts N (fixed grids) or tol
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 
 import jax
@@ -74,13 +76,20 @@ def sweep_problem(problem, ms, *, quick, reps, time_budget_s):
     per_step_counts = {}
     ref = problem.reference
     args0 = (problem.x_T, problem.z, problem.params)
-    for method in ms:
+    for method0 in ms:
+        method = method0
         fwd, grad = method.make(problem)
         run_time = 0.0  # seconds spent running (compilation excluded) for the budget
         compiled_grad = None
         compiled_fwd = None
         compiled_gx = None
         for setting in settings_for(method, quick):
+            if method0.static_setting:
+                # the setting is part of the compiled function: bind it, recompile
+                make = functools.partial(method0.make, tol=setting)
+                method = dataclasses.replace(method0, make=make)
+                fwd, grad = method.make(problem)
+                compiled_grad = compiled_fwd = compiled_gx = None
             if method.variable == "N":
                 extra = jadeis.time_grid(
                     problem.schedule, setting, method.spacing, dtype=jnp.float64
@@ -122,6 +131,13 @@ def sweep_problem(problem, ms, *, quick, reps, time_budget_s):
                     compiled_gx = C.compile_timed(grad_x, args)[0]
                 t_grad_xT = C.time_call(compiled_gx, args, reps)
             n_steps = int(steps)
+            if n_steps < 0 and method.stages:
+                # attempted steps (accepted + rejected) from the forward pass's evaluations
+                counter = M.Counter()
+                f_count, _ = method.make(problem, M.counting_eps_fn(problem.eps_fn, counter))
+                jax.block_until_ready(jax.jit(f_count)(*args))
+                jax.effects_barrier()
+                n_steps = counter.evals // method.stages
             if method.counts is not None:
                 evals, vjps = method.counts(n_steps)
                 counted = "analytic"

@@ -72,8 +72,8 @@ from ._schedule import (
 )
 from ._solver import (
     DDIM as DDIM,
-    Adaptive as Adaptive,
     AbstractSolver as AbstractSolver,
+    Adaptive as Adaptive,
     DPMSolver as DPMSolver,
     DPMSolverPP as DPMSolverPP,
     Rex as Rex,

@@ -15,7 +15,7 @@ from ._adjoint import AbstractAdjoint, AdjointDEIS, DiscreteAdjoint  # noqa: F40
 from ._conditioning import ConditioningFn
 from ._core import Args, Problem
 from ._schedule import AbstractSchedule
-from ._solver import Adaptive, AbstractSolver, DPMSolverPP, RexLatent, SDEDPMSolver
+from ._solver import AbstractSolver, Adaptive, DPMSolverPP, RexLatent, SDEDPMSolver
 from ._trajectory_check import check_trajectory as check_trajectory_of
 
 

@@ -430,7 +430,8 @@ def check_adaptive(problem, ts, x_T, schedule, where: str):
             f"controller chooses the steps in between), got {ts.shape[0]} times."
         )
     if _concrete(ts, schedule):
-        lam = np.asarray(schedule.log_snr(jnp.asarray(ts)), np.float64)
+        with jax.ensure_compile_time_eval():
+            lam = np.asarray(schedule.log_snr(jnp.asarray(ts)), np.float64)
         if not np.all(np.isfinite(lam)):
             raise ValueError(
                 f"{where}: jadeis.Adaptive needs finite log-SNRs at both end times; ts[-1] with "

@@ -1,14 +1,14 @@
+from .adaptive import Adaptive as Adaptive
 from .base import (
     AbstractDataSolver as AbstractDataSolver,
     AbstractNoiseSolver as AbstractNoiseSolver,
     AbstractSolver as AbstractSolver,
     StepCoefficients as StepCoefficients,
 )
-from .adaptive import Adaptive as Adaptive
 from .ddim import DDIM as DDIM
 from .dpm_solver import DPMSolver as DPMSolver
 from .dpm_solver_pp import DPMSolverPP as DPMSolverPP
 from .rex import AbstractRex as AbstractRex, Rex as Rex, RexLatent as RexLatent, SDERex as SDERex
-from .singlestep import SinglestepDPMSolver as SinglestepDPMSolver
 from .sde import SDEDPMSolver as SDEDPMSolver, SDEDPMSolverPP as SDEDPMSolverPP
+from .singlestep import SinglestepDPMSolver as SinglestepDPMSolver
 from .unipc import UniPC as UniPC

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import equinox as eqx
-
 from .base import AbstractSolver, check_int
 
 
