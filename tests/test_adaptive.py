@@ -348,3 +348,27 @@ def test_step_budget_exhausted_raises():
     solver = jadeis.Adaptive(jadeis.SinglestepDPMSolver(2), rtol=1e-9, atol=1e-9, max_steps=8)
     with pytest.raises(Exception, match="did not reach ts\\[-1\\] within max_steps=8"):
         jax.block_until_ready(_sample(solver))
+
+
+def test_adaptive_bfloat16_model_float32_state():
+    """A bfloat16 model drives a float32 state; the controller's arithmetic stays float32."""
+    solver = jadeis.Adaptive(jadeis.SinglestepDPMSolver(3), rtol=1e-3, atol=1e-3)
+    x32, mu32 = X_T.astype(jnp.float32), MU.astype(jnp.float32)
+
+    def eps_bf16(s2, x, t, mu):
+        bf = jnp.bfloat16
+        a, s = SCH.alpha(t).astype(bf), SCH.sigma(t).astype(bf)
+        x, mu = x.astype(bf), mu.astype(bf)
+        return s * (x - a * mu) / (a**2 * jnp.asarray(s2, bf) + s**2)
+
+    def f(x, eps):
+        return jadeis.sample(eps, S2, x, mu32, schedule=SCH, ts=ENDS.astype(jnp.float32),
+                             solver=solver)
+
+    out = f(x32, eps_bf16)
+    ref = f(x32, eps_gauss)
+    assert out.dtype == jnp.float32
+    assert _rel(out, ref) < 3e-2
+    g = jax.grad(lambda x: jnp.sum(f(x, eps_bf16) ** 2))(x32)
+    g_ref = jax.grad(lambda x: jnp.sum(f(x, eps_gauss) ** 2))(x32)
+    assert g.dtype == jnp.float32 and _rel(g, g_ref) < 5e-2
