@@ -216,9 +216,12 @@ def jadeis_adaptive(name, inner, adjoint, pid=(0.0, 1.0, 0.0), max_steps=1024, n
     kind = type(inner).__name__
     key = f"jadeis Adaptive {kind}({inner.order}) {pid}"
     tags = frozenset({"jadeis", "adaptive", *tags})
-    stages = inner.order if isinstance(inner, jadeis.SinglestepDPMSolver) else 2 * len(
-        jadeis._solver.rex._TABLEAUS[inner.scheme][2]
-    )
+    if isinstance(inner, jadeis.SinglestepDPMSolver):
+        stages = inner.order
+    elif isinstance(inner, jadeis.Rex):
+        stages = 2 * len(jadeis._solver.rex._TABLEAUS[inner.scheme][2])
+    else:
+        stages = 1  # multistep: one evaluation per accepted step (approximate count)
     return Method(
         name, "jadeis", "tol", make, None, key, note, tags=tags, static_setting=True,
         stages=stages,
@@ -467,7 +470,20 @@ def all_methods() -> list[Method]:
             tags=("backprop", "dpm2", "redundant"),  # slower than Backprop DPM++(3M)
         )
     )
-    for order, roles in ((3, ("quick", "e2e")), (2, ())):
+    for pid, label, roles in (((0.0, 1.0, 0.0), "", ("quick", "e2e")),
+                              ((0.4, 0.3, 0.0), " PI", ())):
+        ms.append(
+            jadeis_adaptive(
+                f"Adaptive DPM++(3M){label}",
+                jadeis.DPMSolverPP(order=3),
+                jadeis.DiscreteAdjoint(),
+                pid=pid,
+                note="jadeis.Adaptive(DPMSolverPP(3)): 3M minus 2M weights as the estimate, "
+                "one model evaluation per accepted step, DiscreteAdjoint of the accepted steps",
+                tags=("discrete", "dpmpp3", "ms", *(("pi",) if label else ()), *roles),
+            )
+        )
+    for order, roles in ((3, ()), (2, ("redundant",))):
         ms.append(
             jadeis_adaptive(
                 f"Adaptive DPM-Solver-{order - 1}{order} (data)",
@@ -486,7 +502,7 @@ def all_methods() -> list[Method]:
             jadeis.DiscreteAdjoint(),
             pid=(0.4, 0.3, 0.0),
             note="as Adaptive DPM-Solver-23 with a PI controller (pcoeff 0.4, icoeff 0.3)",
-            tags=("discrete", "ss3", "pi"),
+            tags=("discrete", "ss3", "pi", "redundant"),
         )
     )
     ms.append(

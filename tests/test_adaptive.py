@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +51,7 @@ def accepted_grid(solver, eps_fn, params, x_T, z, adjoint=jadeis.DiscreteAdjoint
     problem, args = _prepare(
         "sample", eps_fn, params, x_T, z, SCH, ENDS, solver, adjoint, None, None, False
     )
-    _, ts_buf, n, _, _, done = jax.jit(lambda a: _adaptive._forward(problem, a, "grid"))(args)
+    _, ts_buf, n, _, _, done = jax.jit(lambda a: _adaptive._forward_any(problem, a, "grid"))(args)
     assert bool(done)
     return ts_buf[: int(n) + 1]
 
@@ -216,6 +217,42 @@ def test_adaptive_gradient_is_backprop_on_accepted_grid(inner, adjoint):
         assert _rel(a, b) < 1e-10
 
 
+@pytest.mark.parametrize("inner", [jadeis.DPMSolverPP(3), jadeis.DPMSolverPP(2),
+                                   jadeis.DPMSolver(3), jadeis.DPMSolverPP(2, variant="midpoint")])
+def test_adaptive_multistep_is_the_fixed_grid_solver_on_accepted_grid(inner):
+    """A multistep solver under Adaptive takes exactly the steps of the fixed-grid solver
+    (lower_order_final=False, same warm-up) on the accepted grid: same x_0, and its gradient
+    equals Backprop through that fixed-grid solve."""
+    solver = jadeis.Adaptive(inner, rtol=1e-5, atol=1e-5)
+    grid = accepted_grid(solver, eps_gauss, S2, X_T, MU)
+    fixed = eqx.tree_at(lambda s: s.lower_order_final, inner, False)
+    x_ad = jadeis.sample(eps_gauss, S2, X_T, MU, schedule=SCH, ts=ENDS, solver=solver)
+    x_fx = jadeis.sample(eps_gauss, S2, X_T, MU, schedule=SCH, ts=grid, solver=fixed)
+    np.testing.assert_allclose(x_ad, x_fx, rtol=1e-12, atol=1e-14)
+    g = jax.jit(jax.grad(_loss(solver, jadeis.DiscreteAdjoint()), argnums=(0, 1, 2)))(
+        X_T, MU, S2, ENDS)
+    want = jax.jit(jax.grad(_loss(fixed, jadeis.Backprop()), argnums=(0, 1, 2)))(
+        X_T, MU, S2, grid)
+    for a, b in zip(g, want):
+        assert _rel(a, b) < 1e-10
+
+
+def test_adaptive_multistep_one_evaluation_per_accepted_step():
+    calls = []
+
+    def eps_counted(s2, x, t, mu):
+        jax.debug.callback(lambda: calls.append(1))
+        return eps_gauss(s2, x, t, mu)
+
+    solver = jadeis.Adaptive(jadeis.DPMSolverPP(3), rtol=1e-5, atol=1e-5)
+    grid = accepted_grid(solver, eps_gauss, S2, X_T, MU)
+    x = jax.jit(lambda x: jadeis.sample(eps_counted, S2, x, MU, schedule=SCH, ts=ENDS,
+                                        solver=solver))(X_T)
+    jax.block_until_ready(x)
+    jax.effects_barrier()
+    assert len(calls) == grid.shape[0] - 1  # the first point and every accepted but the last
+
+
 def test_adaptive_gradient_against_closed_form():
     solver = jadeis.Adaptive(jadeis.SinglestepDPMSolver(3), rtol=1e-7, atol=1e-7)
     g = jax.grad(_loss(solver, jadeis.DiscreteAdjoint()), argnums=(0, 1, 2))(X_T, MU, S2, ENDS)
@@ -307,7 +344,9 @@ AD = jadeis.Adaptive(jadeis.SinglestepDPMSolver(3))
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda: jadeis.Adaptive(jadeis.DDIM()), "embedded error estimate"),
+        (lambda: jadeis.Adaptive(jadeis.DDIM()), "order 2 or 3"),
+        (lambda: jadeis.Adaptive(jadeis.UniPC()), "embedded error estimate"),
+        (lambda: jadeis.Adaptive(jadeis.SDEDPMSolverPP(2)), "order 2 or 3 and the ODE"),
         (lambda: jadeis.Adaptive(jadeis.Rex("euler")), "no embedded error estimate"),
         (lambda: jadeis.Adaptive(jadeis.SinglestepDPMSolver(1)), "order 1"),
         (lambda: jadeis.Adaptive(jadeis.SinglestepDPMSolver(3), rtol=-1.0), "rtol"),

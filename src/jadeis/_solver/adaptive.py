@@ -22,8 +22,11 @@ def _check_number(name, value, lo, hi=None, *, open_lo=False):
 class Adaptive(AbstractSolver):
     r"""Adaptive step sizes in log-SNR for a solver with an embedded error estimate.
 
-    Wraps :class:`jadeis.SinglestepDPMSolver` (order 2 or 3: the DPM-Solver-12/23 pairs of
-    Lu et al. 2022) or :class:`jadeis.Rex` (``scheme="midpoint"``, ``"rk3"`` or ``"rk4"``) and
+    Wraps a solver with an error estimate: :class:`jadeis.DPMSolverPP` or
+    :class:`jadeis.DPMSolver` of order 2 or 3 (the order-k and order-(k-1) multistep weights
+    on the same model outputs; one model evaluation per accepted step and none per rejected
+    one), :class:`jadeis.SinglestepDPMSolver` (order 2 or 3: the DPM-Solver-12/23 pairs of
+    Lu et al. 2022) or :class:`jadeis.Rex` (``scheme="midpoint"``, ``"rk3"`` or ``"rk4"``), and
     chooses the steps with a PID controller (the formula and defaults of
     ``diffrax.PIDController``; docs/math/adaptive.md): a step of size ``h`` in
     ``lambda = log(alpha/sigma)`` is accepted when the RMS over the whole state of
@@ -44,12 +47,14 @@ class Adaptive(AbstractSolver):
 
     **Arguments:**
 
-    - `solver`: the stepper (``SinglestepDPMSolver(order=2 or 3)`` or a Rex).
+    - `solver`: the stepper (``DPMSolverPP(order=3)``, ``SinglestepDPMSolver(order=2 or 3)``
+      or a Rex).
     - `rtol`, `atol`: relative and absolute tolerances on the state.
     - `pcoeff`, `icoeff`, `dcoeff`: PID coefficients (default: an I-controller; ``0.4, 0.3,
       0`` is a common PI choice).
     - `safety`, `factormin`, `factormax`: as in diffrax.
-    - `dlambda0`: the first step in log-SNR (default: 1/16 of the span).
+    - `dlambda0`: the first step in log-SNR (default: 1/16 of the span; 1/64 for multistep
+      solvers, whose first step has no estimate).
     - `max_steps`: the bound on attempts; also the size of the gradient's buffers.
 
     **Example:**
@@ -58,7 +63,7 @@ class Adaptive(AbstractSolver):
     >>> import jax.numpy as jnp
     >>> import jadeis
     >>> sch = jadeis.VPLinear()
-    >>> solver = jadeis.Adaptive(jadeis.SinglestepDPMSolver(order=3), rtol=1e-4, atol=1e-4)
+    >>> solver = jadeis.Adaptive(jadeis.DPMSolverPP(order=3), rtol=1e-4, atol=1e-4)
     >>> x0 = jadeis.sample(lambda p, x, t, z: p * x, 0.5, jnp.ones((2, 3)), schedule=sch,
     ...                    ts=jnp.array([1.0, 1e-3]), solver=solver)
     >>> x0.shape
@@ -110,13 +115,23 @@ class Adaptive(AbstractSolver):
                 f"Adaptive: solver must be a jadeis solver with an embedded error estimate, "
                 f"such as jadeis.SinglestepDPMSolver(order=3) or jadeis.Rex(), got {self.solver!r}."
             )
-        if not callable(getattr(self.solver, "step_with_error", None)) or self.solver.stochastic:
+        from .base import AbstractExponentialSolver
+
+        multistep = isinstance(self.solver, AbstractExponentialSolver)
+        if multistep and (self.solver.stochastic or self.solver.order < 2):
+            raise ValueError(
+                f"Adaptive: a multistep solver needs order 2 or 3 and the ODE (its order-k and "
+                f"order-(k-1) weights give the error estimate), got {self.solver!r}."
+            )
+        if not multistep and (
+            not callable(getattr(self.solver, "step_with_error", None)) or self.solver.stochastic
+        ):
             raise ValueError(
                 f"Adaptive: {type(self.solver).__name__} has no embedded error estimate; use "
-                f"jadeis.SinglestepDPMSolver(order=2 or 3) or jadeis.Rex(scheme='midpoint', "
-                f"'rk3' or 'rk4')."
+                f"jadeis.DPMSolverPP(order=2 or 3), jadeis.SinglestepDPMSolver(order=2 or 3) or "
+                f"jadeis.Rex(scheme='midpoint', 'rk3' or 'rk4')."
             )
-        k = self.solver.error_order  # raises for solvers of order 1 (no estimate)
+        k = self.error_order  # raises for solvers of order 1 (no estimate)
         if k < 2:
             raise ValueError(
                 f"Adaptive: {self.solver!r} has no embedded lower-order solution (order 1); "
@@ -137,6 +152,10 @@ class Adaptive(AbstractSolver):
 
     @property
     def error_order(self) -> int:
+        from .base import AbstractExponentialSolver
+
+        if isinstance(self.solver, AbstractExponentialSolver):
+            return self.solver.order  # order-k minus order-(k-1) weights: O(h^k)
         return self.solver.error_order
 
     def inputs(self, schedule, ts, dtype):
