@@ -73,7 +73,7 @@ class LinearStepInputs(NamedTuple):
 
     t: Array
     a: Array
-    b: Array
+    b: Array  # (order,): the coefficients of m_i, ..., m_{i-order+1}
     c: Array
     alpha: Array
     sigma: Array
@@ -227,7 +227,8 @@ class AbstractLinearMultistepSolver(AbstractSolver):
         return LinearStepInputs(
             t=jnp.asarray(t_s).astype(model_time_dtype(dtype)),
             a=cast(co.a),
-            b=cast(co.b),
+            # only the columns of the order used (b[:, q] weighs m_{i-q})
+            b=cast(co.b[:, : self.order]),
             c=cast(co.c),
             alpha=cast(alpha),
             sigma=cast(sigma),
