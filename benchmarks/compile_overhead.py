@@ -77,7 +77,8 @@ def scan_dpmpp2m(params, x_T, ts):
     h = lam[1:] - lam[:-1]
     r = jnp.concatenate([jnp.ones((1,), dtype), h[:-1] / h[1:]])
     c1 = jnp.concatenate([jnp.zeros((1,), dtype), 0.5 / r[1:]])
-    inputs = (ts[:-1], alpha[:-1], sigma[:-1], sigma[1:] / sigma[:-1], -alpha[1:] * jnp.expm1(-h), c1)
+    ratio, coef = sigma[1:] / sigma[:-1], -alpha[1:] * jnp.expm1(-h)
+    inputs = (ts[:-1], alpha[:-1], sigma[:-1], ratio, coef, c1)
 
     def body(carry, inp):
         x, d_prev = carry
@@ -222,7 +223,7 @@ def main(argv=None):
         "compile (`.compile()`), their sum (wall), and process CPU time of both; ratio = CPU "
         "time / CPU time of the bare scan above it (the CPU time is less disturbed by other "
         "load on a shared machine than the wall time). Grid `concrete`: a constant of the "
-        "jitted function (checked eagerly, as in `bench_sample.py`); `traced`: an argument "
+        "jitted function (checked eagerly, as in `bench_gradient.py`); `traced`: an argument "
         "(jadeis adds its run-time check of `ts`); `eager`: `jadeis.sample` called directly, "
         "compile = first call minus second call (no trace/XLA split), as in `bench_sample.py`.",
         "",
