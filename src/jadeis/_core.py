@@ -124,6 +124,11 @@ def step_fn(problem: Problem, params, z, i, inp, state, noise, x_dtype):
     return solver.step(model, inp, state, xi)
 
 
+def uses_step_index(problem: Problem) -> bool:
+    """Whether ``step_fn`` reads the step index (per-step conditioning or SDE noise)."""
+    return problem.per_step_z or problem.solver.stochastic
+
+
 def num_steps(ts) -> int:
     return ts.shape[0] - 1
 
@@ -153,7 +158,9 @@ def forward(problem: Problem, args: Args, *, save: str | None = None):
             out = None
         return new, out
 
-    final, saved = lax.scan(body, solver.init(x_T), (jax.numpy.arange(n), inputs))
+    # the step index is scanned over only where a step uses it (per-step z, noise)
+    steps = jax.numpy.arange(n) if uses_step_index(problem) else None
+    final, saved = lax.scan(body, solver.init(x_T), (steps, inputs))
     return solver.output(final), saved, final
 
 

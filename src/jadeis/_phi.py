@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
+import numpy as np
 
 _SERIES_THRESHOLD = 1.0
 _SERIES_TERMS = 24
@@ -76,24 +77,37 @@ def multistep_weights(lam_t, lam_s, lam_1, lam_2, kappa: float, order, midpoint:
     Returns an array of shape ``broadcast(...) + (3,)``.
     """
     h = lam_t - lam_s
+    # the highest order used: with a concrete ``order`` (a numpy array or int, as the
+    # samplers pass it) the rows of higher orders are not built at all (they would be
+    # selected away), which keeps the compiled program small
+    top = _max_order(order)
     # a step to sigma = 0 (lam_t = +inf, time_grid(..., final="zero")): first order, in the
     # limit c0 = (1 - e^{-kappa h}) / kappa -> 1 / kappa (kappa > 0; set at the end)
     inf_h = jnp.isposinf(h)
     h = jnp.where(inf_h, jnp.ones_like(h), h)
-    order = jnp.where(inf_h, 1, order)
+    zero = jnp.zeros_like(h)
     # c_n = int_0^h exp(kappa (u - h)) u^n / n! du = h^(n+1) phi_(n+1)(-kappa h)
     c0 = h * phi(1, -kappa * h)
-    c1 = h**2 * phi(2, -kappa * h)
-    c2 = h**3 * phi(3, -kappa * h)
+    if top == 1:
+        w0 = jnp.where(inf_h, 1.0 / kappa if kappa > 0 else jnp.inf, c0)
+        return jnp.stack([w0, zero, zero], axis=-1)
+    order = jnp.where(inf_h, 1, order)
+    c1 = h**2 * phi(2, -kappa * h) if (top >= 3 or not midpoint) else None
     use2 = order >= 2
-    use3 = order >= 3
     one = jnp.ones_like(h)
     h0 = jnp.where(use2, lam_s - lam_1, one)
-    h1 = jnp.where(use3, lam_1 - lam_2, one)
     # order 2: F' ~= (F0 - F1) / h0
     c1_2 = 0.5 * h * c0 if midpoint else c1
     w2_0 = c0 + c1_2 / h0
     w2_1 = -c1_2 / h0
+    if top == 2:
+        w0 = jnp.where(use2, w2_0, c0)
+        w0 = jnp.where(inf_h, 1.0 / kappa if kappa > 0 else jnp.inf, w0)
+        w1 = jnp.where(use2, w2_1, zero)
+        return jnp.stack([w0, w1, zero], axis=-1)
+    c2 = h**3 * phi(3, -kappa * h)
+    use3 = order >= 3
+    h1 = jnp.where(use3, lam_1 - lam_2, one)
     # order 3: Newton form, F'(lam_s) = d1 + h0 c, F'' = 2c with c the 2nd divided difference
     gamma = c1 * h0 + 2.0 * c2
     hs = h0 + h1
@@ -101,12 +115,18 @@ def multistep_weights(lam_t, lam_s, lam_1, lam_2, kappa: float, order, midpoint:
     w3_0 = c0 + k1 / h0
     w3_1 = -k1 / h0 - gamma / (hs * h1)
     w3_2 = gamma / (hs * h1)
-    zero = jnp.zeros_like(h)
     w0 = jnp.where(use3, w3_0, jnp.where(use2, w2_0, c0))
     w0 = jnp.where(inf_h, 1.0 / kappa if kappa > 0 else jnp.inf, w0)
     w1 = jnp.where(use3, w3_1, jnp.where(use2, w2_1, zero))
     w2 = jnp.where(use3, w3_2, zero)
     return jnp.stack([w0, w1, w2], axis=-1)
+
+
+def _max_order(order) -> int:
+    """The largest entry of a concrete ``order`` (int or numpy array), else 3."""
+    if isinstance(order, (int, np.integer, np.ndarray)):
+        return int(np.max(order))
+    return 3
 
 
 def warmup_correction(lam, kappa: float):

@@ -132,12 +132,19 @@ def runtime_check(x, conditions):
     (``lax.cond``); under ``vmap`` the flags are checked on the host.
     """
     preds = jnp.stack([jnp.asarray(p) for p, _ in conditions], axis=-1)
-    messages = tuple(m for _, m in conditions)
+    return _check_flags(x, preds, tuple(m for _, m in conditions))
+
+
+def _check_flags(x, preds, messages):
+    """:func:`runtime_check` with the predicates stacked on the last axis of ``preds``."""
 
     def fire(preds):
         jax.debug.callback(_raise_if, preds, messages)
 
-    jax.lax.cond(jnp.any(preds), fire, lambda preds: None, preds)
+    any_true = preds[..., 0]
+    for j in range(1, preds.shape[-1]):  # an elementwise "or", not a reduction
+        any_true = any_true | preds[..., j]
+    jax.lax.cond(jnp.any(any_true), fire, lambda preds: None, preds)
     return x
 
 
@@ -147,22 +154,24 @@ def check_ts_traced(ts, schedule: AbstractSchedule, where: str):
         return ts
     lo = jnp.asarray(schedule.t_min, ts.dtype)
     hi = jnp.asarray(schedule.t_max, ts.dtype)
-    below = (ts < lo).at[-1].set((ts[-1] < lo) & (ts[-1] != 0))  # a final 0 is allowed
-    return runtime_check(
+    n = ts.shape[0]
+    last = jax.lax.broadcasted_iota(jnp.int32, (n,), 0) == n - 1
+    below = (ts < lo) & ~(last & (ts == 0))  # a final 0 is allowed
+    # entry i compares ts[i] with ts[i - 1] (with +inf before ts[0]); a non-finite ts[0]
+    # is reported as non-finite, the first message
+    prev = jnp.concatenate([jnp.full((1,), jnp.inf, ts.dtype), ts[:-1]])
+    # the three flags in one reduction (a smaller compiled program than three)
+    flags = jnp.any(jnp.stack([~jnp.isfinite(ts), ts >= prev, below | (ts > hi)]), axis=1)
+    return _check_flags(
         ts,
-        [
-            (jnp.any(~jnp.isfinite(ts)), f"{where}: ts has non-finite values (NaN or inf)."),
-            (
-                jnp.any(ts[1:] >= ts[:-1]),
-                f"{where}: ts must be strictly decreasing (sampling runs from t_max down to "
-                f"t_min); use jadeis.time_grid(schedule, n).",
-            ),
-            (
-                jnp.any(below | (ts > hi)),
-                f"{where}: ts has times outside the schedule's range [t_min, t_max]; clip ts or "
-                f"build the schedule with a wider range.",
-            ),
-        ],
+        flags,
+        (
+            f"{where}: ts has non-finite values (NaN or inf).",
+            f"{where}: ts must be strictly decreasing (sampling runs from t_max down to "
+            f"t_min); use jadeis.time_grid(schedule, n).",
+            f"{where}: ts has times outside the schedule's range [t_min, t_max]; clip ts or "
+            f"build the schedule with a wider range.",
+        ),
     )
 
 

@@ -206,7 +206,7 @@ def deis_backward(
     lam = schedule.log_snr(u)
     lam_s, lam_t, lam_1, lam_2 = lambda_history(lam)
     orders_np = effective_orders(k, m, lower_order_final=False)
-    w = multistep_weights(lam_t, lam_s, lam_1, lam_2, -1.0, jnp.asarray(orders_np))
+    w = multistep_weights(lam_t, lam_s, lam_1, lam_2, -1.0, orders_np)
     corrected = resolve_warmup("AdjointDEIS", adjoint.warmup, k)
     if corrects_warmup(corrected, orders_np):
         # the second step corrects the first-order first step (docs/math/adjoint.md); the

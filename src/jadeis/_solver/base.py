@@ -73,7 +73,7 @@ class LinearStepInputs(NamedTuple):
 
     t: Array
     a: Array
-    b: Array
+    b: Array  # (order,): the coefficients of m_i, ..., m_{i-order+1}
     c: Array
     alpha: Array
     sigma: Array
@@ -128,6 +128,29 @@ def lambda_history(lam: Array):
     lam_1 = jnp.concatenate([lam[:1], lam[:-2]])
     lam_2 = jnp.concatenate([lam[:1], lam[:1], lam[:-3]])[: lam_s.shape[0]]
     return lam_s, lam_t, lam_1, lam_2
+
+
+def log_alpha_sigma_snr(schedule: AbstractSchedule, ts: Array):
+    """``(log_alpha, log_sigma, log_snr)`` on the grid ``ts``, each schedule function
+    evaluated once: ``log_snr`` is ``log_alpha - log_sigma`` unless the schedule defines
+    its own (the same values as ``schedule.log_snr(ts)``)."""
+    log_alpha = schedule.log_alpha(ts)
+    log_sigma = schedule.log_sigma(ts)
+    if type(schedule).log_snr is AbstractSchedule.log_snr:
+        lam = log_alpha - log_sigma
+    else:
+        lam = schedule.log_snr(ts)
+    return log_alpha, log_sigma, lam
+
+
+def alpha_sigma(schedule: AbstractSchedule, ts: Array, log_alpha: Array):
+    """``alpha`` and ``sigma`` at ``ts[:-1]`` (the schedule is elementwise), ``alpha`` from
+    ``log_alpha`` on the grid unless the schedule defines its own ``alpha``."""
+    if type(schedule).alpha is AbstractSchedule.alpha:
+        alpha = jnp.exp(log_alpha[:-1])
+    else:
+        alpha = schedule.alpha(ts[:-1])
+    return alpha, schedule.sigma(ts[:-1])
 
 
 def model_time_dtype(dtype):
@@ -187,7 +210,15 @@ class AbstractLinearMultistepSolver(AbstractSolver):
         """Per-step coefficients on the descending grid ``ts`` (length N + 1)."""
 
     def inputs(self, schedule, ts, dtype):
-        co = self.coefficients(schedule, ts)
+        if type(self).coefficients is AbstractExponentialSolver.coefficients:
+            # one evaluation of the schedule on the grid serves the coefficients and the
+            # per-step alpha, sigma (the same values as evaluating each on its own)
+            log_alpha, log_sigma, lam = log_alpha_sigma_snr(schedule, ts)
+            co = self._coefficients(schedule, ts, log_alpha, log_sigma, lam)
+            alpha, sigma = alpha_sigma(schedule, ts, log_alpha)
+        else:
+            co = self.coefficients(schedule, ts)
+            alpha, sigma = schedule.alpha(ts[:-1]), schedule.sigma(ts[:-1])
         t_s = ts[:-1]
 
         def cast(v):
@@ -196,10 +227,11 @@ class AbstractLinearMultistepSolver(AbstractSolver):
         return LinearStepInputs(
             t=jnp.asarray(t_s).astype(model_time_dtype(dtype)),
             a=cast(co.a),
-            b=cast(co.b),
+            # only the columns of the order used (b[:, q] weighs m_{i-q})
+            b=cast(co.b[:, : self.order]),
             c=cast(co.c),
-            alpha=cast(schedule.alpha(t_s)),
-            sigma=cast(schedule.sigma(t_s)),
+            alpha=cast(alpha),
+            sigma=cast(sigma),
         )
 
     def init(self, x_T):
@@ -257,19 +289,18 @@ class AbstractExponentialSolver(AbstractLinearMultistepSolver):
         return False
 
     def coefficients(self, schedule, ts):
+        return self._coefficients(schedule, ts, *log_alpha_sigma_snr(schedule, ts))
+
+    def _coefficients(self, schedule, ts, log_alpha, log_sigma, lam):
         n = ts.shape[0] - 1
         orders_np = effective_orders(self.order, n, self.lower_order_final)
-        orders = jnp.asarray(orders_np)
-        lam = schedule.log_snr(ts)
         lam_s, lam_t, lam_1, lam_2 = lambda_history(lam)
         w = multistep_weights(
-            lam_t, lam_s, lam_1, lam_2, self.kappa, orders, midpoint=self._midpoint()
+            lam_t, lam_s, lam_1, lam_2, self.kappa, orders_np, midpoint=self._midpoint()
         )
         if corrects_warmup(self._corrected_warmup(), orders_np):
             w = add_warmup_correction(w, lam, self.kappa)
         h = lam_t - lam_s
-        log_alpha = schedule.log_alpha(ts)
-        log_sigma = schedule.log_sigma(ts)
         la_s, la_t = log_alpha[:-1], log_alpha[1:]
         ls_s, ls_t = log_sigma[:-1], log_sigma[1:]
         a, scale, c = self._step_scalars(h, la_s, la_t, ls_s, ls_t)
@@ -281,7 +312,8 @@ class AbstractExponentialSolver(AbstractLinearMultistepSolver):
             lim = jnp.exp(la_t - la_s + ls_s)
             b0 = jnp.stack([-self.drift_factor * lim, 0.0 * lim, 0.0 * lim], axis=-1)
             b = jnp.where(inf_h[:, None], b0, b)
-            c = jnp.where(inf_h & self.stochastic, lim, c)
+            if self.stochastic:
+                c = jnp.where(inf_h, lim, c)
         return StepCoefficients(a=a, b=b, c=c)
 
     @abc.abstractmethod
