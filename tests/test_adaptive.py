@@ -411,3 +411,40 @@ def test_adaptive_bfloat16_model_float32_state():
     g = jax.grad(lambda x: jnp.sum(f(x, eps_bf16) ** 2))(x32)
     g_ref = jax.grad(lambda x: jnp.sum(f(x, eps_gauss) ** 2))(x32)
     assert g.dtype == jnp.float32 and _rel(g, g_ref) < 5e-2
+
+
+_SHARD_SCRIPT = r"""
+import jax, jax.numpy as jnp
+jax.config.update("jax_enable_x64", True)
+import jadeis
+from jax.sharding import NamedSharding, PartitionSpec as P
+sch = jadeis.VPLinear()
+def eps(p, x, t, z):
+    a, s = sch.alpha(t), sch.sigma(t)
+    return s * (x - a * z) / (a**2 * p + s**2)
+x = jax.random.normal(jax.random.key(0), (8, 16))
+mesh = jax.make_mesh((4,), ("b",))
+xs = jax.device_put(x, NamedSharding(mesh, P("b")))
+ends = jnp.array([1.0, 1e-3])
+for inner in (jadeis.DPMSolverPP(3), jadeis.SinglestepDPMSolver(3)):
+    ad = jadeis.Adaptive(inner, rtol=1e-5, atol=1e-5)
+    f = jax.jit(jax.grad(lambda x: jnp.sum(jadeis.sample(
+        eps, 0.1, x, jnp.zeros(16), schedule=sch, ts=ends, solver=ad) ** 2)))
+    g1, g4 = f(x), f(xs)
+    hlo = f.lower(xs).compile().as_text()
+    print("RESULT", type(inner).__name__, float(jnp.max(jnp.abs(g1 - g4))),
+          g4.sharding.spec == P("b", None), "all-gather" in hlo)
+"""
+
+
+def test_adaptive_with_a_sharded_batch():
+    """x_T sharded over 4 devices: the same gradient, still sharded, and no all-gather of the
+    state in the compiled program (the error norm is an all-reduce of a scalar)."""
+    from ._shared import run_on_cpu_devices
+
+    proc = run_on_cpu_devices(_SHARD_SCRIPT, n=4)
+    lines = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    assert len(lines) == 2, proc.stdout + proc.stderr
+    for _, name, diff, sharded, gathered in lines:
+        assert float(diff) < 1e-12, name
+        assert sharded == "True" and gathered == "False", name

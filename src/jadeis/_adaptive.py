@@ -38,6 +38,16 @@ def _step_inputs(inner, schedule, t, t_next, dtype):
     return _row(inner.inputs(schedule, jnp.stack([t, t_next]), dtype))
 
 
+def _buffer(M):
+    """A zero buffer of M copies of an array, laid out (sharded) like the array: under an
+    explicit-axis mesh each device then keeps only its own rows of every saved state."""
+
+    def make(v):
+        return jnp.broadcast_to(jnp.zeros_like(v)[None], (M,) + v.shape)
+
+    return make
+
+
 def _error_norm(ad, err, x, x_new):
     """RMS over every element of ``err / (atol + rtol * max(|x|, |x_new|))`` (in at least
     float32)."""
@@ -99,7 +109,7 @@ def _forward(problem: Problem, args: Args, record: str | None):
     one = jnp.ones((), jnp.float32)
     ts_buf = jnp.full((M + 1,), t_end, tdt).at[0].set(t_start) if record else None
     states_buf = (
-        jax.tree.map(lambda v: jnp.zeros((M,) + v.shape, v.dtype), state0)
+        jax.tree.map(_buffer(M), state0)
         if record == "states" else None
     )
 
@@ -219,13 +229,14 @@ def _run_bwd(problem, res, x0_bar):
     inner = ad.solver
     params, x_T, z, schedule, _, _ = values
     dtype = state_dtype(x_T)
+    x_final = final if is_multistep(inner) else inner.output(final)
     if isinstance(x0_bar, jax.custom_derivatives.SymbolicZero):
-        x0_bar = jax.tree.map(jnp.zeros_like, inner.output(final))
+        x0_bar = jax.tree.map(jnp.zeros_like, x_final)
     else:
         x0_bar = jax.tree.map(
             lambda g, v: jnp.zeros_like(v) if isinstance(g, jax.custom_derivatives.SymbolicZero)
             else g.astype(v.dtype),
-            x0_bar, inner.output(final),
+            x0_bar, x_final,
             is_leaf=lambda g: isinstance(g, jax.custom_derivatives.SymbolicZero),
         )
     if is_multistep(inner):
@@ -423,7 +434,7 @@ def _forward_multistep(problem: Problem, args: Args, record: str | None):
     }
     if record:
         carry["ts_buf"] = jnp.full((M + 1,), t_end, tdt).at[0].set(t_start)
-        carry["xs_buf"] = jax.tree.map(lambda v: jnp.zeros((M,) + v.shape, v.dtype), x_T)
+        carry["xs_buf"] = jax.tree.map(_buffer(M), x_T)
         carry["coef_buf"] = jnp.zeros((M, 4), dtype)
     hmin = jnp.abs(span) * 1e-12  # a collapsed step size stops the loop (then an error)
     c = lax.while_loop(lambda c: ~c["done"] & (c["n_try"] < M) & (c["h"] > hmin), body, carry)
