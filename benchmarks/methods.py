@@ -80,8 +80,9 @@ class Method:
     counts: Callable | None = None  # counts(N) -> (evals, vjps) for fixed grids
     forward_key: str = ""  # methods sharing a forward pass share its timing
     note: str = ""
-    spacing: str = "logsnr"  # time_grid spacing of the fixed-grid settings
+    spacing: str = "logsnr"  # time_grid spacing of the fixed-grid settings, or "learned"
     tags: frozenset = frozenset()
+    grid_key: str = ""  # spacing "learned": the sampler key of benchmarks/grids/<problem>.json
 
 
 # ----------------------------------------------------------------------------------------
@@ -95,6 +96,7 @@ class Method:
 #
 #   redundant      dominated or duplicate variants, run only with --all-methods
 #   quick          the --quick sweep (and, with "grid", the digits sweep)
+#   unet           the unet sweep (its model calls cost ~0.1 s on 2 CPU cores: five methods)
 #   grid           a non-default time grid (karras, quadratic)
 #   gaussian       the sanity check against the Gaussian closed form
 #   compile-quick  the --quick cold-compile table
@@ -163,7 +165,7 @@ def _loss_grad(problem, x0_fn, xT_only=False):
     return grad
 
 
-def jadeis_method(name, solver, adjoint, counts, note="", spacing="logsnr", tags=()):
+def jadeis_method(name, solver, adjoint, counts, note="", spacing="logsnr", tags=(), grid_key=""):
     def make(problem, eps_fn=None, xT_only=False):
         eps_fn = problem.eps_fn if eps_fn is None else eps_fn
 
@@ -180,7 +182,7 @@ def jadeis_method(name, solver, adjoint, counts, note="", spacing="logsnr", tags
 
     key = f"jadeis {type(solver).__name__}({solver.order}) {spacing}"
     tags = frozenset({"jadeis", "fixed", spacing, *tags})
-    return Method(name, "jadeis", "N", make, counts, key, note, spacing, tags)
+    return Method(name, "jadeis", "N", make, counts, key, note, spacing, tags, grid_key)
 
 
 def _diffrax_solve(problem, eps_fn, variable, solver, controller_fn, adjoint, max_steps):
@@ -405,6 +407,44 @@ def all_methods() -> list[Method]:
                 tags=("discrete", "dpmpp3", "grid", *(("e2e",) if spacing == "karras" else ())),
             )
         )
+    # UniPC (bh2, data prediction, corrector on): the corrector reuses the next step's model
+    # evaluation, so one evaluation per step; UniPC is not a linear multistep solver of the
+    # hand-derived sweep, so DiscreteAdjoint takes the VJP of each whole step with its
+    # evaluation rematerialised: 2N evaluations and N VJPs (checked by instrumentation).
+    # lower_order_final=True (the default): on the mixture its gradient error is 5-15% lower
+    # than without at N = 16..128, for both orders.
+    unipc_roles = {2: (), 3: ("quick", "unet")}
+    for k in (2, 3):
+        ms.append(
+            jadeis_method(
+                f"DiscreteAdjoint UniPC({k})",
+                jadeis.UniPC(order=k),
+                jadeis.DiscreteAdjoint(),
+                lambda n: (2 * n, n),
+                f"UniPC(order={k}, corrector=True, lower_order_final=True, variant='bh2') "
+                f"(order {k + 1}); exact gradient, rematerialises each step",
+                tags=("discrete", f"unipc{k}", *unipc_roles[k]),
+            )
+        )
+    # grids learned once per problem, sampler and N by benchmarks/grids.py (held-out x_T)
+    for label, solver, key, roles in (
+        ("DPM++(3M)", jadeis.DPMSolverPP(order=3), "dpmpp3", ()),
+        ("UniPC(3)", jadeis.UniPC(order=3), "unipc3", ("quick", "unet")),
+    ):
+        ms.append(
+            jadeis_method(
+                f"DiscreteAdjoint {label} learned grid",
+                solver,
+                jadeis.DiscreteAdjoint(),
+                lambda n: (2 * n, n),
+                f"as DiscreteAdjoint {label}, on the grid learn_time_grid fitted for this "
+                f"problem and N (benchmarks/grids/<problem>.json, key {key!r}; learned on other "
+                "x_T and z than the benchmark's)",
+                spacing="learned",
+                tags=("discrete", key, "grid", *roles),
+                grid_key=key,
+            )
+        )
     ms.append(
         jadeis_method(
             "Backprop DPM++(3M)",
@@ -427,7 +467,7 @@ def all_methods() -> list[Method]:
     )
     adaptive_roles = {
         ("t", "backsolve"): ("quick", "e2e"),
-        ("t", "recursive"): ("quick", "e2e", "e2e-quick"),
+        ("t", "recursive"): ("quick", "e2e", "e2e-quick", "unet"),
         ("rho", "recursive"): ("gaussian",),
     }
     for var in ("t", "rho"):
@@ -444,14 +484,14 @@ def all_methods() -> list[Method]:
         # Euler in t is first order: it never reaches 1e-2
         euler_roles = ("redundant",) if var == "t" else ()
         ms.append(diffrax_fixed(f"diffrax Euler ({var})", var, dfx.Euler(), 1, tags=euler_roles))
-        heun_roles = ("quick", "compile-quick", "memory") if var == "rho" else ()
+        heun_roles = ("quick", "compile-quick", "memory", "unet") if var == "rho" else ()
         ms.append(diffrax_fixed(f"diffrax Heun ({var})", var, dfx.Heun(), 2, tags=heun_roles))
     ms.append(scan_dpmpp2m("scan DPM++(2M)", checkpoint=False, tags=("memory",)))
     ms.append(
         scan_dpmpp2m(
             "scan DPM++(2M) + checkpoint",
             checkpoint=True,
-            tags=("quick", "gaussian", "memory", "memory-quick", "e2e"),
+            tags=("quick", "gaussian", "memory", "memory-quick", "e2e", "unet"),
         )
     )
     return ms
