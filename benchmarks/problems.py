@@ -387,6 +387,18 @@ def unet_problem(batch: int = 2, z_dim: int = 16, seed: int = 4, log=print) -> P
             jax.random.normal(kb, (size, z_dim), jnp.float64),
         )
 
+    eps_fn = unet.eps_fn_for(sch)
+    # the cost of one model call and of one VJP (its forward pass included), batch as above
+    t_mid = jnp.asarray(0.5, jnp.float64)
+    call = jax.jit(eps_fn)
+    vjp = jax.jit(
+        lambda p, x, zz, g: jax.vjp(lambda *a: eps_fn(a[0], a[1], t_mid, a[2]), p, x, zz)[1](g)
+    )
+    g = call(params, x_T, t_mid, z)
+    ms_call = 1e3 * C.time_call(call, (params, x_T, t_mid, z), 5)
+    ms_vjp = 1e3 * C.time_call(vjp, (params, x_T, z, g), 5)
+    log(f"  U-Net: {ms_call:.1f} ms per model call, {ms_vjp:.1f} ms per VJP (batch {batch})")
+
     return Problem(
         name="unet",
         description=(
@@ -395,7 +407,7 @@ def unet_problem(batch: int = 2, z_dim: int = 16, seed: int = 4, log=print) -> P
             f"preconditioning, float32 inside), batch {batch} of 32x32x3, z: {z_dim} floats"
         ),
         schedule=sch,
-        eps_fn=unet.eps_fn_for(sch),
+        eps_fn=eps_fn,
         params=params,
         z=z,
         x_T=x_T,
@@ -407,6 +419,8 @@ def unet_problem(batch: int = 2, z_dim: int = 16, seed: int = 4, log=print) -> P
             "float32_model": True,
             "z_dim": z_dim,
             "ref_steps": 512,
+            "ms_per_call": round(ms_call, 2),
+            "ms_per_vjp": round(ms_vjp, 2),
         },
         train_inputs=train_inputs,
     )
