@@ -2,8 +2,9 @@
 ``benchmarks/grids/<problem>.json``; the sweep's "learned grid" methods read them from there.
 
 ``python benchmarks/grids.py`` learns every grid of ``PLAN`` (about 14 minutes on 2 shared
-CPU cores, digits and the unet ~4 minutes each); ``--problems mixture,mlp`` / ``--samplers unipc3`` /
-``--steps 16,32`` restrict it, and the other entries already in a file are kept.
+CPU cores, digits and the unet ~4 minutes each); ``--problems mixture,mlp``,
+``--samplers unipc3``, ``--steps 16,32`` restrict it, and the other entries already in a file
+are kept.
 ``benchmarks/run.py --learn-grids`` runs this before the sweep; ``run.py`` never learns grids
 otherwise.
 

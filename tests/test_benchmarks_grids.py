@@ -85,3 +85,18 @@ def test_headline_shows_nfe_and_floor():
     assert "2.50 (floor 2.0)" in text  # the winning row's own ratio
     assert "2.50 med. (floor 2.0)" in text  # N = 64: no forward timing, the median
     assert all(not math.isnan(r) for _, _, r in verdicts)
+
+
+def test_learned_table_pairs_with_the_logsnr_method():
+    def row(method, n, err):
+        return {"problem": "p", "method": method, "setting": n, "err_grad": err}
+
+    rows = [
+        row("DiscreteAdjoint UniPC(3)", 16, 4e-2),
+        row("DiscreteAdjoint UniPC(3) learned grid", 16, 1e-2),
+        row("DiscreteAdjoint UniPC(3) learned grid", 32, 1e-3),
+    ]
+    text = report.learned_table(rows)
+    assert "| p | DiscreteAdjoint UniPC(3) | 16 | 4.00e-02 | 1.00e-02 | 4.00 |" in text
+    assert "| 32 | not run | 1.00e-03 |" in text
+    assert report.learned_table(rows[:1]) == ""

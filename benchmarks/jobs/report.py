@@ -153,6 +153,42 @@ def method_table(rows, problem):
     return "\n".join(lines)
 
 
+LEARNED = " learned grid"
+
+
+def learned_table(rows):
+    """Gradient error of each "learned grid" method against the same method on the log-SNR
+    grid (the method named without " learned grid"), at each N both ran."""
+    lines = [
+        "| problem | method | N | grad. error, log-SNR grid | grad. error, learned grid "
+        "| log-SNR / learned |",
+        "|---|---|---|---|---|---|",
+    ]
+    found = False
+    keys = []
+    for r in rows:
+        if r["method"].endswith(LEARNED) and (r["problem"], r["method"]) not in keys:
+            keys.append((r["problem"], r["method"]))
+    for problem, name in keys:
+        base = name[: -len(LEARNED)]
+        errs = {
+            r["setting"]: r["err_grad"]
+            for r in rows
+            if r["problem"] == problem and r["method"] == base
+        }
+        for r in rows:
+            if r["problem"] == problem and r["method"] == name:
+                e0 = errs.get(r["setting"])
+                e0txt = "not run" if e0 is None else f"{e0:.2e}"
+                ratio = "" if e0 is None else f"{e0 / max(r['err_grad'], 1e-300):.2f}"
+                lines.append(
+                    f"| {problem} | {base} | {r['setting']} | {e0txt} | {r['err_grad']:.2e} "
+                    f"| {ratio} |"
+                )
+                found = True
+    return "\n".join(lines) if found else ""
+
+
 def plots(rows, mem_rows, out: Path, problems):
     import matplotlib  # noqa: PLC0415
 
@@ -302,6 +338,20 @@ def write_summary(out, info, rows, mem_rows, e2e_rows, ref_rows, compile_rows=()
         name = c["problem"]
         md += ["", f"## {name}: {c['description']}", "", method_table(rows, name), ""]
         md.append(f"![pareto](pareto_{name}.png) ![evals](evals_{name}.png)")
+    learned = learned_table(rows)
+    if learned:
+        md += [
+            "",
+            "## Learned time grids vs the log-SNR grid (gradient error at equal N)",
+            "",
+            "Grids from `benchmarks/grids/<problem>.json`, fitted by `benchmarks/grids.py` "
+            "(`jadeis.learn_time_grid`, x_0 mean squared error against a many-step sample) on "
+            "other initial noises than the benchmark's; the errors here are on the benchmark's "
+            "own (held-out) inputs. The sweep stops a method once its error is below 2e-4, so "
+            "a row missing on one side was not run.",
+            "",
+            learned,
+        ]
     # gradient / forward time ratio of jadeis methods
     md += ["", "## Gradient time / forward time (jadeis, same N)", ""]
     md += [
