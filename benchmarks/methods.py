@@ -548,9 +548,10 @@ def counting_eps_fn(eps_fn, counter: Counter):
 # References
 
 
-def jadeis_reference(problem, n: int) -> dict:
+def jadeis_reference(problem, n: int, solver=None) -> dict:
     ts = jadeis.time_grid(problem.schedule, n, dtype=jnp.float64)
-    m = jadeis_method("ref", jadeis.DPMSolverPP(order=3), jadeis.DiscreteAdjoint(), None)
+    solver = jadeis.DPMSolverPP(order=3) if solver is None else solver
+    m = jadeis_method("ref", solver, jadeis.DiscreteAdjoint(), None)
     _, grad = m.make(problem)
     x0, gx, gz, gp, _ = jax.jit(grad)(problem.x_T, problem.z, problem.params, ts)
     return {"x0": x0, "x_T": gx, "z": gz, "params": gp}
