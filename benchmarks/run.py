@@ -158,9 +158,9 @@ def main(argv=None):
             budget = 10.0 if args.quick else 30.0
             reps = args.reps
             if p.name == "unet":
-                # ~0.1 s per model call + VJP on 2 CPU cores: fewer repeats (each is a
-                # whole gradient of 1-10 s there), a budget that still reaches N = 32
-                reps, budget = min(reps, 2), (20.0 if args.quick else 40.0)
+                # a gradient step costs ~0.4 s on 2 CPU cores (3.3 s per gradient at N = 8):
+                # fewer repeats, and a budget that still reaches N = 32 (the 1e-3 cell)
+                reps, budget = min(reps, 2), (20.0 if args.quick else 60.0)
             rows += sweep.sweep_problem(p, ms, quick=args.quick, reps=reps, time_budget_s=budget)
             C.write_csv(out / "sweep.csv", rows)
         ref_rows = sweep.reference_rows(problems)

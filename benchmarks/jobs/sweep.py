@@ -57,9 +57,9 @@ def reference_rows(problems):
 
 def settings_for(method, quick: bool, problem_name: str = ""):
     if problem_name == "unet":
-        # ~0.6 s per step of a gradient on 2 CPU cores (XLA CPU runs the weight-gradient
-        # convolutions of dL/dparams ~4x slower inside the sampler's loop than in a lone
-        # VJP); x_0 errors of UniPC(3): 1.6e-1 (N = 8), 7e-3 (16), 6e-4 (32)
+        # ~0.4 s per step of a gradient on 2 CPU cores, 8x a lone VJP (XLA CPU runs the
+        # weight-gradient convolutions of dL/dparams much slower inside the sampler's loop);
+        # x_0 errors of UniPC(3): 1.6e-1 (N = 8), 7e-3 (16), 6e-4 (32)
         if method.variable == "tol":
             return [1e-3] if quick else [1e-3, 1e-4]
         return [8, 16] if quick else [8, 16, 32]
