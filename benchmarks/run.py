@@ -1,5 +1,6 @@
-"""Run the jadeis benchmark suite: ``python benchmarks/run.py`` (full, <= ~15 min on 2 cores)
-or ``python benchmarks/run.py --quick`` (a few minutes).
+"""Run the jadeis benchmark suite: ``python benchmarks/run.py`` (full: ~25-35 min on 2 cores,
+of which ~15 the unet, whose gradients cost 3-15 s each there) or
+``python benchmarks/run.py --quick`` (a few minutes; the unet only on a GPU).
 
 Writes to ``benchmarks/results/`` (``--quick``: ``benchmarks/results/quick/``): CSV files, a
 Markdown summary (``summary.md``), PNG plots and ``machine.json`` (machine and versions).
