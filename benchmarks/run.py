@@ -1,5 +1,5 @@
 """Run the jadeis benchmark suite: ``python benchmarks/run.py`` (full: ~25-35 min on 2 cores,
-of which ~15 the unet, whose gradients cost 3-15 s each there) or
+of which ~10 the unet, whose gradients cost 3-15 s each there) or
 ``python benchmarks/run.py --quick`` (a few minutes; the unet only on a GPU).
 
 Writes to ``benchmarks/results/`` (``--quick``: ``benchmarks/results/quick/``): CSV files, a
