@@ -80,8 +80,9 @@ class Method:
     counts: Callable | None = None  # counts(N) -> (evals, vjps) for fixed grids
     forward_key: str = ""  # methods sharing a forward pass share its timing
     note: str = ""
-    spacing: str = "logsnr"  # time_grid spacing of the fixed-grid settings
+    spacing: str = "logsnr"  # time_grid spacing of the fixed-grid settings, or "learned"
     tags: frozenset = frozenset()
+    grid_key: str = ""  # spacing "learned": the sampler key of benchmarks/grids/<problem>.json
     # the setting is static (a Python float passed as make(..., tol=setting)): one
     # compilation per setting (jadeis.Adaptive's tolerances are part of the solver)
     static_setting: bool = False
@@ -99,6 +100,7 @@ class Method:
 #
 #   redundant      dominated or duplicate variants, run only with --all-methods
 #   quick          the --quick sweep (and, with "grid", the digits sweep)
+#   unet           the unet sweep (a gradient step costs ~0.4 s on 2 CPU cores: four methods)
 #   grid           a non-default time grid (karras, quadratic)
 #   gaussian       the sanity check against the Gaussian closed form
 #   compile-quick  the --quick cold-compile table
@@ -167,7 +169,7 @@ def _loss_grad(problem, x0_fn, xT_only=False):
     return grad
 
 
-def jadeis_method(name, solver, adjoint, counts, note="", spacing="logsnr", tags=()):
+def jadeis_method(name, solver, adjoint, counts, note="", spacing="logsnr", tags=(), grid_key=""):
     def make(problem, eps_fn=None, xT_only=False):
         eps_fn = problem.eps_fn if eps_fn is None else eps_fn
 
@@ -184,7 +186,7 @@ def jadeis_method(name, solver, adjoint, counts, note="", spacing="logsnr", tags
 
     key = f"jadeis {type(solver).__name__}({solver.order}) {spacing}"
     tags = frozenset({"jadeis", "fixed", spacing, *tags})
-    return Method(name, "jadeis", "N", make, counts, key, note, spacing, tags)
+    return Method(name, "jadeis", "N", make, counts, key, note, spacing, tags, grid_key)
 
 
 def jadeis_adaptive(name, inner, adjoint, pid=(0.0, 1.0, 0.0), max_steps=1024, note="",
@@ -450,6 +452,44 @@ def all_methods() -> list[Method]:
                 tags=("discrete", "dpmpp3", "grid", *(("e2e",) if spacing == "karras" else ())),
             )
         )
+    # UniPC (bh2, data prediction, corrector on): the corrector reuses the next step's model
+    # evaluation, so one evaluation per step; UniPC is not a linear multistep solver of the
+    # hand-derived sweep, so DiscreteAdjoint takes the VJP of each whole step with its
+    # evaluation rematerialised: 2N evaluations and N VJPs (checked by instrumentation).
+    # lower_order_final=True (the default): on the mixture its gradient error is 5-15% lower
+    # than without at N = 16..128, for both orders.
+    unipc_roles = {2: (), 3: ("quick", "unet")}
+    for k in (2, 3):
+        ms.append(
+            jadeis_method(
+                f"DiscreteAdjoint UniPC({k})",
+                jadeis.UniPC(order=k),
+                jadeis.DiscreteAdjoint(),
+                lambda n: (2 * n, n),
+                f"UniPC(order={k}, corrector=True, lower_order_final=True, variant='bh2') "
+                f"(order {k + 1}); exact gradient, rematerialises each step",
+                tags=("discrete", f"unipc{k}", *unipc_roles[k]),
+            )
+        )
+    # grids learned once per problem, sampler and N by benchmarks/grids.py (held-out x_T)
+    for label, solver, key, roles in (
+        ("DPM++(3M)", jadeis.DPMSolverPP(order=3), "dpmpp3", ()),
+        ("UniPC(3)", jadeis.UniPC(order=3), "unipc3", ("quick", "unet")),
+    ):
+        ms.append(
+            jadeis_method(
+                f"DiscreteAdjoint {label} learned grid",
+                solver,
+                jadeis.DiscreteAdjoint(),
+                lambda n: (2 * n, n),
+                f"as DiscreteAdjoint {label}, on the grid learn_time_grid fitted for this "
+                f"problem and N (benchmarks/grids/<problem>.json, key {key!r}; learned on other "
+                "x_T and z than the benchmark's)",
+                spacing="learned",
+                tags=("discrete", key, "grid", *roles),
+                grid_key=key,
+            )
+        )
     ms.append(
         jadeis_method(
             "Backprop DPM++(3M)",
@@ -517,6 +557,7 @@ def all_methods() -> list[Method]:
     )
     adaptive_roles = {
         ("t", "backsolve"): ("quick", "e2e"),
+        # not on the unet: at tol 1e-3..1e-4 its 6 stages per step cost ~5 minutes there
         ("t", "recursive"): ("quick", "e2e", "e2e-quick"),
         ("rho", "recursive"): ("gaussian",),
     }
@@ -534,14 +575,14 @@ def all_methods() -> list[Method]:
         # Euler in t is first order: it never reaches 1e-2
         euler_roles = ("redundant",) if var == "t" else ()
         ms.append(diffrax_fixed(f"diffrax Euler ({var})", var, dfx.Euler(), 1, tags=euler_roles))
-        heun_roles = ("quick", "compile-quick", "memory") if var == "rho" else ()
+        heun_roles = ("quick", "compile-quick", "memory", "unet") if var == "rho" else ()
         ms.append(diffrax_fixed(f"diffrax Heun ({var})", var, dfx.Heun(), 2, tags=heun_roles))
     ms.append(scan_dpmpp2m("scan DPM++(2M)", checkpoint=False, tags=("memory",)))
     ms.append(
         scan_dpmpp2m(
             "scan DPM++(2M) + checkpoint",
             checkpoint=True,
-            tags=("quick", "gaussian", "memory", "memory-quick", "e2e"),
+            tags=("quick", "gaussian", "memory", "memory-quick", "e2e", "unet"),
         )
     )
     return ms
@@ -598,9 +639,10 @@ def counting_eps_fn(eps_fn, counter: Counter):
 # References
 
 
-def jadeis_reference(problem, n: int) -> dict:
+def jadeis_reference(problem, n: int, solver=None) -> dict:
     ts = jadeis.time_grid(problem.schedule, n, dtype=jnp.float64)
-    m = jadeis_method("ref", jadeis.DPMSolverPP(order=3), jadeis.DiscreteAdjoint(), None)
+    solver = jadeis.DPMSolverPP(order=3) if solver is None else solver
+    m = jadeis_method("ref", solver, jadeis.DiscreteAdjoint(), None)
     _, grad = m.make(problem)
     x0, gx, gz, gp, _ = jax.jit(grad)(problem.x_T, problem.z, problem.params, ts)
     return {"x0": x0, "x_T": gx, "z": gz, "params": gp}

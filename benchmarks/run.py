@@ -1,5 +1,6 @@
-"""Run the jadeis benchmark suite: ``python benchmarks/run.py`` (full, <= ~15 min on 2 cores)
-or ``python benchmarks/run.py --quick`` (a few minutes).
+"""Run the jadeis benchmark suite: ``python benchmarks/run.py`` (full: ~25-35 min on 2 cores,
+of which ~10 the unet, whose gradients cost 3-15 s each there) or
+``python benchmarks/run.py --quick`` (a few minutes; the unet only on a GPU).
 
 Writes to ``benchmarks/results/`` (``--quick``: ``benchmarks/results/quick/``): CSV files, a
 Markdown summary (``summary.md``), PNG plots and ``machine.json`` (machine and versions).
@@ -13,6 +14,13 @@ runs the chosen jobs in order and writes their files:
   e2e      jobs/e2e.py            e2e.csv      (Adam over x_T; needs the mlp sweep rows,
                                                read from sweep.csv when sweep is not run)
   grid     grid_study.py          grid_study.md (full runs only)
+
+The "learned grid" methods read their grids from ``benchmarks/grids/<problem>.json``
+(learned once, on other x_T than the benchmark's, by ``python benchmarks/grids.py``;
+``--learn-grids`` relearns those of the chosen problems before the sweep).
+
+Problems: gaussian, mixture, mlp, digits, unet (default: all; ``--quick``: gaussian, mixture,
+mlp, and unet when JAX runs on a GPU; the unet's model calls cost ~0.1 s on 2 CPU cores).
   report   jobs/report.py         summary.md, *.png, machine.json
 
 Methods are chosen by tags (``benchmarks/methods.py``): ``--methods discrete+dpmpp3,diffrax``
@@ -48,7 +56,9 @@ JOBS = ("sweep", "compile", "memory", "e2e", "grid", "report")
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few-minute version")
-    ap.add_argument("--problems", default=None, help="comma-separated: gaussian,mixture,mlp,digits")
+    ap.add_argument(
+        "--problems", default=None, help="comma-separated: gaussian,mixture,mlp,digits,unet"
+    )
     ap.add_argument(
         "--out", default=None, help="output folder (default benchmarks/results[/quick])"
     )
@@ -70,6 +80,11 @@ def parse_args(argv=None):
     ap.add_argument("--no-grid-study", action="store_true", help="skip grid_study.py (full)")
     ap.add_argument("--all-methods", action="store_true", help="also those tagged 'redundant'")
     ap.add_argument("--summarize", default=None, help="only rebuild summary/plots from a folder")
+    ap.add_argument(
+        "--learn-grids",
+        action="store_true",
+        help="relearn the chosen problems' grids (benchmarks/grids.py) before the sweep",
+    )
     return ap.parse_args(argv)
 
 
@@ -105,8 +120,18 @@ def main(argv=None):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     out = Path(args.out) if args.out else HERE / "results" / ("quick" if args.quick else "")
     out.mkdir(parents=True, exist_ok=True)
-    default = "gaussian,mixture,mlp" if args.quick else "gaussian,mixture,mlp,digits"
+    if args.quick:
+        # the unet only where its model calls are cheap (a GPU): ~0.1 s each on 2 CPU cores
+        default = "gaussian,mixture,mlp" + (",unet" if jax.default_backend() != "cpu" else "")
+    else:
+        default = "gaussian,mixture,mlp,digits,unet"
     names = (args.problems or default).split(",")
+    if args.learn_grids:
+        import grids  # noqa: PLC0415
+
+        learnable = [n for n in names if n in grids.PLAN]
+        log(f"learning time grids of {learnable} (benchmarks/grids.py):")
+        grids.main(["--problems", ",".join(learnable)])
     info = C.machine_info(
         t_start,
         mode="quick" if args.quick else "full",
@@ -132,9 +157,12 @@ def main(argv=None):
             ms = sweep.methods_for(p.name, all_ms, quick=args.quick, selector=args.methods)
             log(f"sweep {p.name}: {p.description}")
             budget = 10.0 if args.quick else 30.0
-            rows += sweep.sweep_problem(
-                p, ms, quick=args.quick, reps=args.reps, time_budget_s=budget
-            )
+            reps = args.reps
+            if p.name == "unet":
+                # a gradient step costs ~0.4 s on 2 CPU cores (3.3 s per gradient at N = 8):
+                # fewer repeats, and a budget that still reaches N = 32 (the 1e-3 cell)
+                reps, budget = min(reps, 2), (20.0 if args.quick else 60.0)
+            rows += sweep.sweep_problem(p, ms, quick=args.quick, reps=reps, time_budget_s=budget)
             C.write_csv(out / "sweep.csv", rows)
         ref_rows = sweep.reference_rows(problems)
         C.write_csv(out / "references.csv", ref_rows)

@@ -55,18 +55,51 @@ def best_time(rows, family, eps, problem):
 
 
 def fmt_cfg(got):
+    """``time (method; setting; NFE evals+VJPs)`` of the first configuration reaching the
+    target (the time is interpolated, the NFE that of that configuration)."""
     if got is None:
         return "not reached"
     t, r = got
     s = f"N={r['setting']}" if r["variable"] == "N" else f"tol={r['setting']:g}, {r['steps']} steps"
-    return f"{t * 1e3:.1f} ms ({r['method']}; {s})"
+    nfe = f"NFE {int(r['evals']) + int(r['vjps'])} = {int(r['evals'])}+{int(r['vjps'])}"
+    return f"{t * 1e3:.1f} ms ({r['method']}; {s}; {nfe})"
+
+
+def _finite(v):
+    return isinstance(v, (int, float)) and not math.isnan(v)
+
+
+def grad_fwd_cell(rows, got, problem):
+    """Gradient/forward wall-time ratio of the winning jadeis configuration and its floor
+    (evals_fwd + VJPs) / evals_fwd, the fewest model calls a gradient needs relative to the
+    forward pass (every jadeis sampler here evaluates the model once per step, so
+    evals_fwd = N). Where the forward pass was not timed at that N, the median of the
+    method's ratios over the N where it was (marked "med.")."""
+    if got is None:
+        return "n/a"
+    _, r = got
+    floor = (int(r["steps"]) + int(r["vjps"])) / int(r["steps"])
+    ratio = r.get("grad_over_fwd", float("nan"))
+    mark = ""
+    if not _finite(ratio):
+        rs = [
+            x["grad_over_fwd"]
+            for x in rows
+            if x["problem"] == problem
+            and x["method"] == r["method"]
+            and _finite(x.get("grad_over_fwd", float("nan")))
+        ]
+        ratio = statistics.median(rs) if rs else float("nan")
+        mark = " med."
+    rtxt = "n/a" if math.isnan(ratio) else f"{ratio:.2f}{mark}"
+    return f"{rtxt} (floor {floor:.1f})"
 
 
 def headline(rows, problems):
     lines = [
-        "| problem | grad. error | jadeis best | diffrax best | hand-written scan best "
-        "| jadeis / diffrax |",
-        "|---|---|---|---|---|---|",
+        "| problem | grad. error | jadeis best | its grad/fwd time (floor) | diffrax best "
+        "| hand-written scan best | jadeis / diffrax |",
+        "|---|---|---|---|---|---|---|",
     ]
     verdicts = []
     for p in problems:
@@ -76,7 +109,10 @@ def headline(rows, problems):
             s = best_time(rows, "scan", eps, p)
             ratio = j[0] / d[0] if (j and d) else float("nan")
             rtxt = "n/a" if math.isnan(ratio) else f"{ratio:.2f}"
-            lines.append(f"| {p} | {eps:g} | {fmt_cfg(j)} | {fmt_cfg(d)} | {fmt_cfg(s)} | {rtxt} |")
+            lines.append(
+                f"| {p} | {eps:g} | {fmt_cfg(j)} | {grad_fwd_cell(rows, j, p)} | {fmt_cfg(d)} "
+                f"| {fmt_cfg(s)} | {rtxt} |"
+            )
             verdicts.append((p, eps, ratio))
     return "\n".join(lines), verdicts
 
@@ -115,6 +151,42 @@ def method_table(rows, problem):
             f"| {per_call:.0f} | {comp:.1f} |"
         )
     return "\n".join(lines)
+
+
+LEARNED = " learned grid"
+
+
+def learned_table(rows):
+    """Gradient error of each "learned grid" method against the same method on the log-SNR
+    grid (the method named without " learned grid"), at each N both ran."""
+    lines = [
+        "| problem | method | N | grad. error, log-SNR grid | grad. error, learned grid "
+        "| log-SNR / learned |",
+        "|---|---|---|---|---|---|",
+    ]
+    found = False
+    keys = []
+    for r in rows:
+        if r["method"].endswith(LEARNED) and (r["problem"], r["method"]) not in keys:
+            keys.append((r["problem"], r["method"]))
+    for problem, name in keys:
+        base = name[: -len(LEARNED)]
+        errs = {
+            r["setting"]: r["err_grad"]
+            for r in rows
+            if r["problem"] == problem and r["method"] == base
+        }
+        for r in rows:
+            if r["problem"] == problem and r["method"] == name:
+                e0 = errs.get(r["setting"])
+                e0txt = "not run" if e0 is None else f"{e0:.2e}"
+                ratio = "" if e0 is None else f"{e0 / max(r['err_grad'], 1e-300):.2f}"
+                lines.append(
+                    f"| {problem} | {base} | {r['setting']} | {e0txt} | {r['err_grad']:.2e} "
+                    f"| {ratio} |"
+                )
+                found = True
+    return "\n".join(lines) if found else ""
 
 
 def plots(rows, mem_rows, out: Path, problems):
@@ -236,6 +308,14 @@ def write_summary(out, info, rows, mem_rows, e2e_rows, ref_rows, compile_rows=()
         "",
         head,
         "",
+        "Times are interpolated (log-log) between the last setting above the target error and "
+        "the first at or below it; the NFE (model evaluations, rematerialised ones included, "
+        "+ VJPs) is that of the first setting reaching the target. grad/fwd: wall time of the "
+        'gradient over that of `jadeis.sample` with the same sampler and N ("med.": the '
+        "method's median over the N where the forward pass was timed); floor: (forward "
+        "evaluations + VJPs) / forward evaluations, the ratio of a gradient that adds only "
+        "the VJPs to the forward pass, if a VJP cost one evaluation.",
+        "",
         "Target: jadeis / diffrax <= 0.33. "
         + "; ".join(
             f"{p} @ {e:g}: {'met' if r <= 1 / 3 else 'NOT met'} ({r:.2f})"
@@ -258,6 +338,20 @@ def write_summary(out, info, rows, mem_rows, e2e_rows, ref_rows, compile_rows=()
         name = c["problem"]
         md += ["", f"## {name}: {c['description']}", "", method_table(rows, name), ""]
         md.append(f"![pareto](pareto_{name}.png) ![evals](evals_{name}.png)")
+    learned = learned_table(rows)
+    if learned:
+        md += [
+            "",
+            "## Learned time grids vs the log-SNR grid (gradient error at equal N)",
+            "",
+            "Grids from `benchmarks/grids/<problem>.json`, fitted by `benchmarks/grids.py` "
+            "(`jadeis.learn_time_grid`, x_0 mean squared error against a many-step sample) on "
+            "other initial noises than the benchmark's; the errors here are on the benchmark's "
+            "own (held-out) inputs. The sweep stops a method once its error is below 2e-4, so "
+            "a row missing on one side was not run.",
+            "",
+            learned,
+        ]
     # gradient / forward time ratio of jadeis methods
     md += ["", "## Gradient time / forward time (jadeis, same N)", ""]
     md += [

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 import common as C
+import grids as G
 import jadeis
 import methods as M
 import problems as P
@@ -24,10 +25,13 @@ STOP_ERR = 2e-4  # a method's sweep stops once its gradient error is below this
 
 
 def methods_for(problem_name, all_ms, *, quick, selector=None):
-    """The methods swept on one problem: ``selector`` (tags) if given; else quick: the
-    "quick" ones; digits: "quick" and "grid"; otherwise all. Gaussian: only "gaussian"."""
+    """The methods swept on one problem: ``selector`` (tags) if given; else unet: the
+    "unet" ones (its model calls cost ~1000x the mixture's); quick: the "quick" ones;
+    digits: "quick" and "grid"; otherwise all. Gaussian: only "gaussian"."""
     if selector is not None:
         ms = M.select(all_ms, selector)
+    elif problem_name == "unet":
+        ms = M.select(all_ms, "unet")
     elif quick:
         ms = M.select(all_ms, "quick")
     elif problem_name == "digits":
@@ -53,12 +57,36 @@ def reference_rows(problems):
     ]
 
 
-def settings_for(method, quick: bool):
+def settings_for(method, quick: bool, problem_name: str = ""):
+    if problem_name == "unet":
+        # ~0.4 s per step of a gradient on 2 CPU cores, 8x a lone VJP (XLA CPU runs the
+        # weight-gradient convolutions of dL/dparams much slower inside the sampler's loop);
+        # x_0 errors of UniPC(3): 1.6e-1 (N = 8), 7e-3 (16), 6e-4 (32)
+        if method.variable == "tol":
+            return [1e-3] if quick else [1e-3, 1e-4]
+        return [8, 16] if quick else [8, 16, 32]
     if method.variable == "tol":
         return [1e-3, 1e-5] if quick else [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7]
     if quick:
         return [16, 64, 256]
     return [16, 32, 64, 128, 256, 512]
+
+
+def learned_settings(method, problem_name: str, settings):
+    """The settings of a "learned" method that have a grid in grids/<problem>.json; logs
+    what is missing (the sweep never substitutes another grid)."""
+    have = G.available(problem_name, method.grid_key)
+    if not have:
+        log(
+            f"    {method.name}: no learned grids for {problem_name!r} ({method.grid_key}) in "
+            f"{G.path_for(problem_name)}; skipped (learn them: python benchmarks/grids.py "
+            f"--problems {problem_name})"
+        )
+        return []
+    missing = [n for n in settings if n not in have]
+    if missing:
+        log(f"    {method.name}: no learned grid at N={missing}; those N skipped")
+    return [n for n in settings if n in have]
 
 
 def count_diffrax(problem, method, extra):
@@ -83,14 +111,19 @@ def sweep_problem(problem, ms, *, quick, reps, time_budget_s):
         compiled_grad = None
         compiled_fwd = None
         compiled_gx = None
-        for setting in settings_for(method, quick):
+        settings = settings_for(method, quick, problem.name)
+        if method.spacing == "learned":
+            settings = learned_settings(method, problem.name, settings)
+        for setting in settings:
             if method0.static_setting:
                 # the setting is part of the compiled function: bind it, recompile
                 make = functools.partial(method0.make, tol=setting)
                 method = dataclasses.replace(method0, make=make)
                 fwd, grad = method.make(problem)
                 compiled_grad = compiled_fwd = compiled_gx = None
-            if method.variable == "N":
+            if method.spacing == "learned":
+                extra = G.load_grid(problem.name, method.grid_key, setting)
+            elif method.variable == "N":
                 extra = jadeis.time_grid(
                     problem.schedule, setting, method.spacing, dtype=jnp.float64
                 )
@@ -119,13 +152,15 @@ def sweep_problem(problem, ms, *, quick, reps, time_budget_s):
             run_time += time.perf_counter() - t_run
             # forward sampling time (shared by methods with the same sampler and setting)
             fkey = (method.forward_key, float(setting))
-            if fkey not in fwd_cache and (method.variable == "tol" or setting in FWD_NS):
+            # the unet's few N are all timed (its headline cells sit at N = 8..64)
+            fwd_ns = settings if problem.name == "unet" else FWD_NS
+            if fkey not in fwd_cache and (method.variable == "tol" or setting in fwd_ns):
                 if method.variable == "N" or compiled_fwd is None:
                     compiled_fwd, _, temp_fwd = C.compile_timed(fwd, args)
                 fwd_cache[fkey] = (C.time_call(compiled_fwd, args, reps), temp_fwd)
             t_fwd, temp_fwd = fwd_cache.get(fkey, (float("nan"), -1))
             t_grad_xT = float("nan")
-            if setting in XT_ONLY_AT:  # the guidance case: only dL/dx_T
+            if setting in XT_ONLY_AT and problem.name != "unet":  # guidance: only dL/dx_T
                 _, grad_x = method.make(problem, xT_only=True)
                 if method.variable == "N" or compiled_gx is None:
                     compiled_gx = C.compile_timed(grad_x, args)[0]
