@@ -510,7 +510,7 @@ def all_methods() -> list[Method]:
             tags=("backprop", "dpm2", "redundant"),  # slower than Backprop DPM++(3M)
         )
     )
-    for pid, label, roles in (((0.0, 1.0, 0.0), "", ("quick", "e2e")),
+    for pid, label, roles in (((0.0, 1.0, 0.0), "", ("quick",)),
                               ((0.4, 0.3, 0.0), " PI", ())):
         ms.append(
             jadeis_adaptive(
