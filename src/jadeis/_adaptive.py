@@ -89,6 +89,31 @@ def controller(ad, E, e1, e2):
     return accept, factor, jnp.where(accept, inv, e1), jnp.where(accept, e1, e2)
 
 
+def _ends(ad, schedule, ts, first_fraction):
+    """``(t_start, t_end, lam0, lam_end, span, h0)``: the end times, their log-SNRs in the
+    grid's dtype, and the first step (``dlambda0``, or ``span * first_fraction``)."""
+    tdt = ts.dtype
+    t_start, t_end = ts[0], ts[-1]
+    lam0 = schedule.log_snr(t_start).astype(tdt)
+    lam_end = schedule.log_snr(t_end).astype(tdt)
+    span = lam_end - lam0
+    if ad.dlambda0 is None:
+        h0 = span * first_fraction
+    else:
+        h0 = jnp.minimum(jnp.asarray(ad.dlambda0, tdt), span)
+    return t_start, t_end, lam0, lam_end, span, h0.astype(tdt)
+
+
+def _next_time(schedule, lam, h, lam_end, t_end):
+    """``(last, h_eff, t_next)`` of an attempt of size ``h`` from ``lam``: a step that would
+    leave less than 1% of itself before ``lam_end`` is stretched to end exactly at ``t_end``."""
+    rem = lam_end - lam
+    last = h * 1.01 >= rem
+    h_eff = jnp.where(last, rem, h)
+    t_next = jnp.where(last, t_end, schedule.t_from_log_snr(lam + h_eff).astype(t_end.dtype))
+    return last, h_eff, t_next
+
+
 def _forward(problem: Problem, args: Args, record: str | None):
     """``(x_0, ts_buf, n_accepted, states_buf, final_state, done)``; ``record`` is None,
     ``"grid"`` (accepted times) or ``"states"`` (times and the state at the start of every
@@ -98,11 +123,7 @@ def _forward(problem: Problem, args: Args, record: str | None):
     params, x_T, z, schedule, ts, _ = args
     dtype = state_dtype(x_T)
     tdt = ts.dtype
-    t_start, t_end = ts[0], ts[-1]
-    lam0 = schedule.log_snr(t_start).astype(tdt)
-    lam_end = schedule.log_snr(t_end).astype(tdt)
-    span = lam_end - lam0
-    h0 = span / 16 if ad.dlambda0 is None else jnp.minimum(jnp.asarray(ad.dlambda0, tdt), span)
+    t_start, t_end, lam0, lam_end, span, h0 = _ends(ad, schedule, ts, 1 / 16)
     model = bind_model(problem, params, z)
     M = ad.max_steps
     state0 = inner.init(x_T)
@@ -120,10 +141,7 @@ def _forward(problem: Problem, args: Args, record: str | None):
 
     def body(c):
         state, lam, h = c["state"], c["lam"], c["h"]
-        rem = lam_end - lam
-        last = h * 1.01 >= rem
-        h_eff = jnp.where(last, rem, h)
-        t_next = jnp.where(last, t_end, schedule.t_from_log_snr(lam + h_eff).astype(tdt))
+        last, h_eff, t_next = _next_time(schedule, lam, h, lam_end, t_end)
         inp = _step_inputs(inner, schedule, c["t"], t_next, dtype)
         new_state, err = inner.step_with_error(model, inp, state, None)
         E = _error_norm(ad, err, inner.output(state), inner.output(new_state))
@@ -157,7 +175,7 @@ def _forward(problem: Problem, args: Args, record: str | None):
         "state": state0,
         "t": t_start,
         "lam": lam0,
-        "h": h0.astype(tdt),
+        "h": h0,
         "e1": one,
         "e2": one,
         "n_acc": jnp.zeros((), jnp.int32),
@@ -357,11 +375,7 @@ def _forward_multistep(problem: Problem, args: Args, record: str | None):
     dtype = state_dtype(x_T)
     tdt = ts.dtype
     K = inner.order
-    t_start, t_end = ts[0], ts[-1]
-    lam0 = schedule.log_snr(t_start).astype(tdt)
-    lam_end = schedule.log_snr(t_end).astype(tdt)
-    span = lam_end - lam0
-    h0 = span / 64 if ad.dlambda0 is None else jnp.minimum(jnp.asarray(ad.dlambda0, tdt), span)
+    t_start, t_end, lam0, lam_end, span, h0 = _ends(ad, schedule, ts, 1 / 64)
     model = bind_model(problem, params, z)
     M = ad.max_steps
     zeros = jax.tree.map(jnp.zeros_like, x_T)
@@ -370,10 +384,7 @@ def _forward_multistep(problem: Problem, args: Args, record: str | None):
 
     def body(c):
         x, lam, h, n = c["x"], c["lam"], c["h"], c["n_acc"]
-        rem = lam_end - lam
-        last = h * 1.01 >= rem
-        h_eff = jnp.where(last, rem, h)
-        t_next = jnp.where(last, t_end, schedule.t_from_log_snr(lam + h_eff).astype(tdt))
+        last, h_eff, t_next = _next_time(schedule, lam, h, lam_end, t_end)
         k_hi = jnp.minimum(K, n + 1)
         ms = (c["m"], c["m1"], c["m2"])
         # both orders' weights in one (vectorised) evaluation
@@ -428,7 +439,7 @@ def _forward_multistep(problem: Problem, args: Args, record: str | None):
     carry = {
         "x": x_T, "m": m0, "m1": zeros, "m2": zeros,
         "t": t_start, "t1": t_start, "t2": t_start,
-        "lam": lam0, "h": h0.astype(tdt), "e1": one, "e2": one,
+        "lam": lam0, "h": h0, "e1": one, "e2": one,
         "n_acc": jnp.zeros((), jnp.int32), "n_try": jnp.zeros((), jnp.int32),
         "done": jnp.zeros((), bool),
     }
