@@ -152,3 +152,36 @@ def diffrax_reference(
         max_steps=max_steps,
     )
     return schedule.alpha(jnp.asarray(t_end, jnp.float64)) * sol.ys[-1]
+
+
+# ---------------------------------------------------------------------------------------
+# One registry of every solver: the generic tests (tests/test_compatibility.py,
+# tests/test_registry.py) are driven by it. A new solver is tested by adding it here.
+
+#: name -> (an instance on a fixed grid, an instance under an adaptive controller or None
+#: where the class has no configuration with an error estimate)
+SOLVER_REGISTRY = {
+    "DDIM": (jadeis.DDIM(), jadeis.DDIM()),
+    "DPMSolver": (jadeis.DPMSolver(order=3), jadeis.DPMSolver(order=3)),
+    "DPMSolverPP": (jadeis.DPMSolverPP(order=2), jadeis.DPMSolverPP(order=3)),
+    "UniPC": (jadeis.UniPC(order=2), jadeis.UniPC(order=2)),
+    "SinglestepDPMSolver": (
+        jadeis.SinglestepDPMSolver(order=3),
+        jadeis.SinglestepDPMSolver(order=2, prediction="noise"),
+    ),
+    "Rex": (jadeis.Rex(scheme="midpoint"), jadeis.Rex(scheme="rk3")),
+    "SDEDPMSolver": (jadeis.SDEDPMSolver(), jadeis.SDEDPMSolver()),
+    "SDEDPMSolverPP": (jadeis.SDEDPMSolverPP(order=2), jadeis.SDEDPMSolverPP(order=2)),
+    "SDERex": (jadeis.SDERex(scheme="shark"), jadeis.SDERex(scheme="euler")),
+}
+
+
+def all_solver_classes():
+    """Every concrete solver class that jadeis exports."""
+    return sorted(
+        name
+        for name in jadeis.__all__
+        if isinstance(getattr(jadeis, name), type)
+        and issubclass(getattr(jadeis, name), jadeis.AbstractSolver)
+        and not name.startswith("Abstract")
+    )

@@ -1,4 +1,4 @@
-"""Singlestep DPM-Solver and adaptive step sizes (jadeis.SinglestepDPMSolver, jadeis.Adaptive).
+"""Singlestep DPM-Solver and adaptive step sizes (jadeis.SinglestepDPMSolver, PIDController).
 
 - one singlestep step equals a numpy transcription of Lu et al.'s DPM-Solver-3 /
   DPM-Solver++(3S) formulas (written out here, independently of the library's phi code);
@@ -8,6 +8,7 @@
   DiscreteAdjoint and, for Rex, ReversibleAdjoint), under jit and vmap; against the
   closed-form gradient of the flow map;
 - a step-size controller that matches diffrax's PIDController proposals;
+- the stats of a run (accepted, rejected, model evaluations) count what happened;
 - every unsupported combination raises a ValueError naming the fix.
 """
 
@@ -21,8 +22,6 @@ import pytest
 from scipy.optimize import brentq
 
 import jadeis
-from jadeis import _adaptive
-from jadeis._sample import _prepare
 
 from ._shared import np_alpha, np_lambda, np_sigma
 from .helpers import RandomMLP, diffrax_reference, fitted_order
@@ -48,12 +47,11 @@ ENDS = jnp.asarray([T0, T1], jnp.float64)
 
 
 def accepted_grid(solver, eps_fn, params, x_T, z, adjoint=jadeis.DiscreteAdjoint()):
-    problem, args = _prepare(
-        "sample", eps_fn, params, x_T, z, SCH, ENDS, solver, adjoint, None, None, False
-    )
-    _, ts_buf, n, _, _, done = jax.jit(lambda a: _adaptive._forward_any(problem, a, "grid"))(args)
-    assert bool(done)
-    return ts_buf[: int(n) + 1]
+    sol = jadeis.solve(eps_fn, params, x_T, z, schedule=SCH, ts=ENDS, solver=solver,
+                       adjoint=adjoint)
+    n = int(sol.stats.num_steps)
+    assert np.all(np.asarray(sol.ts[n:]) == T1)
+    return sol.ts[: n + 1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,20 +235,32 @@ def test_adaptive_multistep_is_the_fixed_grid_solver_on_accepted_grid(inner):
         assert _rel(a, b) < 1e-10
 
 
-def test_adaptive_multistep_one_evaluation_per_accepted_step():
+@pytest.mark.parametrize("inner", [jadeis.DPMSolverPP(3), jadeis.SinglestepDPMSolver(3),
+                                   jadeis.Rex("rk3")])
+def test_stats_count_the_model_evaluations(inner):
+    """Stats.model_evals is the number of model calls: for the multistep and singlestep
+    solvers a retry after a rejection reuses the evaluation at the state (multistep: one
+    evaluation per accepted step, none per rejection)."""
     calls = []
 
     def eps_counted(s2, x, t, mu):
         jax.debug.callback(lambda: calls.append(1))
         return eps_gauss(s2, x, t, mu)
 
-    solver = jadeis.Adaptive(jadeis.DPMSolverPP(3), rtol=1e-5, atol=1e-5)
-    grid = accepted_grid(solver, eps_gauss, S2, X_T, MU)
-    x = jax.jit(lambda x: jadeis.sample(eps_counted, S2, x, MU, schedule=SCH, ts=ENDS,
-                                        solver=solver))(X_T)
-    jax.block_until_ready(x)
+    ctrl = jadeis.PIDController(rtol=1e-5, atol=1e-5, factormax=20.0)
+    sol = jax.jit(lambda x: jadeis.solve(eps_counted, S2, x, MU, schedule=SCH, ts=ENDS,
+                                         solver=inner, controller=ctrl))(X_T)
+    jax.block_until_ready(sol.x_0)
     jax.effects_barrier()
-    assert len(calls) == grid.shape[0] - 1  # the first point and every accepted but the last
+    st = sol.stats
+    assert int(st.num_rejected) > 0 and int(st.num_attempts) == int(st.num_steps) + int(
+        st.num_rejected)
+    assert len(calls) == int(st.model_evals)
+    per = inner.evals_per_step
+    if inner.first_evaluation_at_state:
+        assert int(st.model_evals) == per * int(st.num_attempts) - int(st.num_rejected)
+    else:
+        assert int(st.model_evals) == per * int(st.num_attempts)
 
 
 def test_adaptive_gradient_against_closed_form():
@@ -318,10 +328,12 @@ def test_controller_proposals_match_diffrax():
     for E in (0.3, 2.5, 0.7, 0.01, 1.2, 0.5, 0.0, float("inf"), 0.9):
         y_err = jnp.asarray(E * (1e-3 + 1e-3 * 1.0))
         keep, _, t1_next, _, state, _ = ctl.adapt_step_size(
-            t0, t0 + dt, y0, y0, None, y_err, ad.error_order, state
+            t0, t0 + dt, y0, y0, None, y_err, ad.solver.error_order, state
         )
         dt_want = float(t1_next) - (t0 + dt if bool(keep) else t0)
-        accept, factor, e1, e2 = _adaptive.controller(ad, jnp.asarray(E, jnp.float32), e1, e2)
+        accept, factor, e1, e2 = ad.controller.factor(
+            ad.solver, jnp.asarray(E, jnp.float32), e1, e2
+        )
         assert bool(accept) == bool(keep), E
         assert dt * float(factor) == pytest.approx(dt_want, rel=1e-5), E
         if bool(keep):
@@ -345,10 +357,11 @@ AD = jadeis.Adaptive(jadeis.SinglestepDPMSolver(3))
     "make,match",
     [
         (lambda: jadeis.Adaptive(jadeis.DDIM()), "order 2 or 3"),
-        (lambda: jadeis.Adaptive(jadeis.UniPC()), "embedded error estimate"),
-        (lambda: jadeis.Adaptive(jadeis.SDEDPMSolverPP(2)), "order 2 or 3 and the ODE"),
-        (lambda: jadeis.Adaptive(jadeis.Rex("euler")), "no embedded error estimate"),
+        (lambda: jadeis.Adaptive(jadeis.UniPC()), "no embedded error estimate"),
+        (lambda: jadeis.Adaptive(jadeis.SDEDPMSolverPP(2)), "Brownian path"),
+        (lambda: jadeis.Adaptive(jadeis.Rex("euler")), "no embedded lower-order"),
         (lambda: jadeis.Adaptive(jadeis.SinglestepDPMSolver(1)), "order 1"),
+        (lambda: jadeis.PIDController(rtol=float("inf")), "finite"),
         (lambda: jadeis.Adaptive(jadeis.SinglestepDPMSolver(3), rtol=-1.0), "rtol"),
         (lambda: jadeis.Adaptive(jadeis.SinglestepDPMSolver(3), rtol=0, atol=0), "both be 0"),
         (lambda: jadeis.Adaptive(jadeis.SinglestepDPMSolver(3), max_steps=0), "max_steps"),
@@ -364,23 +377,21 @@ def test_bad_construction(make, match):
 def test_bad_uses():
     with pytest.raises(ValueError, match="two end times"):
         _sample(AD, ts=jadeis.time_grid(SCH, 4))
-    with pytest.raises(ValueError, match="DiscreteAdjoint"):
-        _sample(AD, adjoint=jadeis.Backprop())
-    with pytest.raises(ValueError, match="DiscreteAdjoint"):
-        _sample(AD, adjoint=jadeis.AdjointDEIS(order=2))
     with pytest.raises(ValueError, match="reversible solver"):
         _sample(AD, adjoint=jadeis.ReversibleAdjoint())
     with pytest.raises(ValueError, match="finite log-SNR"):
         _sample(AD, ts=jnp.asarray([1.0, 0.0]))
-    with pytest.raises(ValueError, match="sample only"):
-        jadeis.sample_trajectory(eps_gauss, S2, X_T, MU, schedule=SCH, ts=ENDS, solver=AD)
-    with pytest.raises(ValueError, match="sample only"):
-        jadeis.encode_ode(eps_gauss, S2, X_T, MU, schedule=SCH, ts=ENDS, solver=AD)
+    with pytest.raises(ValueError, match="extrapolates"):
+        jadeis.encode_ode(eps_gauss, S2, X_T, MU, schedule=SCH, ts=ENDS,
+                          solver=jadeis.Adaptive(jadeis.DPMSolverPP(3)))
     with pytest.raises(ValueError, match="fixed grid"):
         jadeis.sample(eps_gauss, S2, X_T, jadeis.PerStep(jnp.stack([MU])), schedule=SCH,
                       ts=ENDS, solver=AD)
-    with pytest.raises(ValueError, match="not differentiated"):
-        jax.grad(lambda ts: jnp.sum(_sample(AD, ts=ts)))(ENDS)
+    with pytest.raises(ValueError, match="already carries its controller"):
+        _sample(AD, controller=jadeis.PIDController())
+    for adjoint in (jadeis.DiscreteAdjoint(), jadeis.Backprop(), jadeis.AdjointDEIS(2)):
+        with pytest.raises(ValueError, match="not differentiated"):
+            jax.grad(lambda ts, a=adjoint: jnp.sum(_sample(AD, ts=ts, adjoint=a)))(ENDS)
 
 
 def test_step_budget_exhausted_raises():

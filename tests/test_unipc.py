@@ -334,9 +334,9 @@ def test_jit_vmap_float32():
         ({"order": 4}, "order must be 1 or 2 or 3"),
         ({"order": 2.0}, "order must be 1 or 2 or 3"),
         ({"order": True}, "order must be 1 or 2 or 3"),
-        ({"variant": "bh3"}, "variant must be 'bh2' or 'bh1'"),
-        ({"corrector": 1}, "corrector must be a bool"),
-        ({"lower_order_final": None}, "lower_order_final must be a bool"),
+        ({"variant": "bh3"}, "variant must be one of 'bh2', 'bh1'"),
+        ({"corrector": 1}, "corrector must be True or False"),
+        ({"lower_order_final": None}, "lower_order_final must be True or False"),
     ],
 )
 def test_bad_arguments(kw, match):

@@ -7,15 +7,23 @@ with ``jax.grad``, ``jit`` and ``vmap``.
 
 Sampling
     ``sample``, ``sample_trajectory``: sample from ``x_T`` at ``ts[0]`` to ``x_0`` at
-    ``ts[-1]`` (differentiable); ``solve_adjoint`` and ``AdjointResult``: the backward pass
-    for a forward pass run elsewhere.
+    ``ts[-1]`` (differentiable); ``solve`` and ``Solution``: the same, with the accepted grid
+    and what the run costs (``Stats``); ``solve_adjoint`` and ``AdjointResult``: the backward
+    pass for a forward pass run elsewhere.
 Solvers (``solver=``)
     ``DDIM``, ``DPMSolver``, ``DPMSolverPP``, ``UniPC``, ``SinglestepDPMSolver``,
-    ``SDEDPMSolver``, ``SDEDPMSolverPP``, ``Rex``, ``SDERex``; ``Adaptive`` (adaptive step
-    sizes with error control); ``AbstractSolver`` is their base class.
+    ``SDEDPMSolver``, ``SDEDPMSolverPP``, ``Rex``, ``SDERex``; ``AbstractSolver`` is their
+    base class, ``AbstractAdaptiveSolver`` (an error estimate) and ``AbstractReversibleSolver``
+    (an algebraic inverse) declare capabilities.
+Step-size controllers (``controller=``)
+    ``FixedGrid`` (the steps of ``ts``; default) and ``PIDController`` (adaptive steps with
+    error control); ``Adaptive`` is a solver and a PID controller in one ``solver=`` argument;
+    ``AbstractController``, ``AbstractGridController``, ``AbstractAdaptiveController``.
 Gradient strategies (``adjoint=``)
     ``DiscreteAdjoint`` (default: the exact gradient of the sampler), ``AdjointDEIS`` (the
-    continuous adjoint), ``Backprop`` (autodiff through every step); ``AbstractAdjoint``.
+    continuous adjoint), ``ReversibleAdjoint`` (Rex: exact, memory independent of N),
+    ``Backprop`` (autodiff through every step), ``Truncated`` (the last k steps only);
+    ``AbstractAdjoint``.
 Schedules and time grids
     ``VPLinear``, ``VPCosine``, ``DiscreteVP`` (beta tables, as in DDPM / Stable
     Diffusion), ``RectifiedFlow``, ``VE``; ``AbstractSchedule``; ``time_grid``;
@@ -37,8 +45,17 @@ from ._adjoint import (
     Backprop as Backprop,
     DiscreteAdjoint as DiscreteAdjoint,
     ReversibleAdjoint as ReversibleAdjoint,
+    Truncated as Truncated,
 )
 from ._conditioning import ConditioningFn as ConditioningFn, PerStep as PerStep
+from ._controller import (
+    AbstractAdaptiveController as AbstractAdaptiveController,
+    AbstractController as AbstractController,
+    AbstractGridController as AbstractGridController,
+    Adaptive as Adaptive,
+    FixedGrid as FixedGrid,
+    PIDController as PIDController,
+)
 from ._encode import encode_ode as encode_ode, encode_sde as encode_sde
 from ._grid import diffusers_timesteps as diffusers_timesteps, time_grid as time_grid
 from ._guidance import (
@@ -54,11 +71,14 @@ from ._guidance import (
     sphere_projection as sphere_projection,
 )
 from ._learned_grid import LearnedGrid as LearnedGrid, learn_time_grid as learn_time_grid
+from ._loop import Stats as Stats
 from ._parameterisation import as_eps_fn as as_eps_fn
 from ._sample import (
     AdjointResult as AdjointResult,
+    Solution as Solution,
     sample as sample,
     sample_trajectory as sample_trajectory,
+    solve as solve,
     solve_adjoint as solve_adjoint,
 )
 from ._schedule import (
@@ -72,8 +92,9 @@ from ._schedule import (
 )
 from ._solver import (
     DDIM as DDIM,
+    AbstractAdaptiveSolver as AbstractAdaptiveSolver,
+    AbstractReversibleSolver as AbstractReversibleSolver,
     AbstractSolver as AbstractSolver,
-    Adaptive as Adaptive,
     DPMSolver as DPMSolver,
     DPMSolverPP as DPMSolverPP,
     Rex as Rex,
@@ -88,7 +109,12 @@ from ._solver import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AbstractAdaptiveController",
+    "AbstractAdaptiveSolver",
     "AbstractAdjoint",
+    "AbstractController",
+    "AbstractGridController",
+    "AbstractReversibleSolver",
     "Adaptive",
     "AbstractLoss",
     "AbstractSchedule",
@@ -103,12 +129,14 @@ __all__ = [
     "DPMSolverPP",
     "DiscreteAdjoint",
     "DiscreteVP",
+    "FixedGrid",
     "Guidance",
     "GuideResult",
     "GuideState",
     "LearnedGrid",
     "Loss",
     "NormPrior",
+    "PIDController",
     "PerStep",
     "RectifiedFlow",
     "ReversibleAdjoint",
@@ -118,6 +146,9 @@ __all__ = [
     "SDEDPMSolverPP",
     "SDERex",
     "SinglestepDPMSolver",
+    "Solution",
+    "Stats",
+    "Truncated",
     "UniPC",
     "VE",
     "VPCosine",
@@ -132,6 +163,7 @@ __all__ = [
     "rescale_betas_zero_snr",
     "sample",
     "sample_trajectory",
+    "solve",
     "solve_adjoint",
     "sphere_projection",
     "time_grid",

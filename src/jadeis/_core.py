@@ -1,9 +1,9 @@
-"""The sampling loop shared by every entry point and gradient strategy.
+"""A sampling problem, as the loop and the gradient strategies see it.
 
 A sampling problem is split, as ``jax.custom_vjp`` wants it, into a hashable static part
-(:class:`Problem`: the model function, the solver, the strategy and a few flags) and the
-differentiable arguments (:class:`Args`: ``params, x_T, z, schedule, ts, noise``). The loop
-is one ``lax.scan`` over ``solver.step``; it knows nothing about any particular solver.
+(:class:`Problem`: the model function, the solver, the step-size controller and a few
+flags) and the differentiable arguments (:class:`Args`: ``params, x_T, z, schedule, ts,
+noise``). The loop itself is ``jadeis._loop``; the gradient strategies wrap it.
 """
 
 from __future__ import annotations
@@ -11,11 +11,38 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import equinox as eqx
 import jax
-from jax import lax
 
-from ._conditioning import z_at
+from ._controller import AbstractController
 from ._solver import AbstractSolver
+
+
+class StaticPart:
+    """The non-array leaves of a pytree (e.g. an Equinox module's activation functions),
+    hashable by value where the leaves are (as ``equinox.filter_jit`` hashes them)."""
+
+    def __init__(self, tree):
+        self.tree = tree
+        leaves, self.treedef = jax.tree.flatten(tree)
+        self.leaves = tuple(leaves)
+
+    def __hash__(self):
+        return hash((self.treedef, self.leaves))
+
+    def __eq__(self, other):
+        return (
+            isinstance(other, StaticPart)
+            and self.treedef == other.treedef
+            and self.leaves == other.leaves
+        )
+
+
+def split_params(params):
+    """``(array leaves, StaticPart of the rest)``: the parameters that are differentiated
+    and traced, and what is closed over (functions, flags: anything but arrays)."""
+    dynamic, static = eqx.partition(params, eqx.is_array)
+    return dynamic, StaticPart(static)
 
 
 class Problem(NamedTuple):
@@ -23,10 +50,25 @@ class Problem(NamedTuple):
 
     eps_fn: Callable
     solver: AbstractSolver
-    adjoint: Any
+    controller: AbstractController
     per_step_z: bool
     noise_mode: str  # "none" | "key" | "array"
-    return_trajectory: bool
+    save_trajectory: bool
+    static_params: StaticPart | None = None
+    #: the index of the run's first step (a run that starts part-way: a truncated gradient)
+    first_step: int = 0
+    #: ``x_T`` is a whole solver state to resume from (not a sample to initialise one with)
+    resume: bool = False
+
+    def init(self, x_T):
+        """The solver state at the start of the run."""
+        return x_T if self.resume else self.solver.init(x_T)
+
+    def params(self, dynamic):
+        """The parameters as the model takes them (array leaves and the static rest)."""
+        if self.static_params is None:
+            return dynamic
+        return eqx.combine(dynamic, self.static_params.tree)
 
 
 class Args(NamedTuple):
@@ -49,6 +91,7 @@ def bind_model(problem: Problem, params, z_i) -> Callable:
     model's dtype, so the model's VJP runs in its own precision (docs/precision.md).
     """
     eps_fn = problem.eps_fn
+    params = problem.params(params)
 
     def model(x, t):
         eps = eps_fn(params, x, t, z_i)
@@ -99,73 +142,14 @@ def draw_noise(problem: Problem, noise, i, x):
             return _leaf_noise(problem.solver, jax.random.fold_in(key, i), x)
         leaves, treedef = jax.tree.flatten(x)
         key_i = jax.random.fold_in(key, i)
-        return jax.tree.unflatten(treedef, [
-            _leaf_noise(problem.solver, jax.random.fold_in(key_i, j), v)
-            for j, v in enumerate(leaves)
-        ])
+        return jax.tree.unflatten(
+            treedef,
+            [
+                _leaf_noise(problem.solver, jax.random.fold_in(key_i, j), v)
+                for j, v in enumerate(leaves)
+            ],
+        )
     if is_array(noise):
         return noise[i].astype(x.dtype)
     dtype = state_dtype(x)
     return jax.tree.map(lambda v: v[i].astype(dtype), noise)
-
-
-def solver_inputs(problem: Problem, schedule, ts, dtype):
-    """The solver's per-step inputs, with the step index prepended."""
-    return problem.solver.inputs(schedule, ts, dtype)
-
-
-def step_fn(problem: Problem, params, z, i, inp, state, noise, x_dtype):
-    """Step ``i`` of the solver with the model, conditioning and noise of that step."""
-    solver = problem.solver
-    model = bind_model(problem, params, z_at(z, i, problem.per_step_z))
-    x = solver.output(state)
-    x = x.astype(x_dtype) if is_array(x) else jax.tree.map(lambda v: v.astype(x_dtype), x)
-    xi = draw_noise(problem, noise, i, x)
-    return solver.step(model, inp, state, xi)
-
-
-def uses_step_index(problem: Problem) -> bool:
-    """Whether ``step_fn`` reads the step index (per-step conditioning or SDE noise)."""
-    return problem.per_step_z or problem.solver.stochastic
-
-
-def num_steps(ts) -> int:
-    return ts.shape[0] - 1
-
-
-def forward(problem: Problem, args: Args, *, save: str | None = None):
-    """Run the sampler from ``args.x_T`` over ``args.ts``.
-
-    ``save`` selects what the scan also returns, per step: ``None`` (nothing), ``"x"`` (the
-    N samples x_T, ..., x_{N-1} at the start of each step, the scan's own buffer) or
-    ``"state"`` (the N solver states at the start of each step). Returns
-    ``(x_0, saved, final_state)``.
-    """
-    solver = problem.solver
-    params, x_T, z, schedule, ts, noise = args
-    dtype = state_dtype(x_T)
-    inputs = solver_inputs(problem, schedule, ts, dtype)
-    n = num_steps(ts)
-
-    def body(state, xs):
-        i, inp = xs
-        new = step_fn(problem, params, z, i, inp, state, noise, dtype)
-        if save == "x":
-            out = solver.output(state)
-        elif save == "state":
-            out = state
-        else:
-            out = None
-        return new, out
-
-    # the step index is scanned over only where a step uses it (per-step z, noise)
-    steps = jax.numpy.arange(n) if uses_step_index(problem) else None
-    final, saved = lax.scan(body, solver.init(x_T), (steps, inputs))
-    return solver.output(final), saved, final
-
-
-def with_final(saved_x, x_0):
-    """The (N + 1)-state trajectory from the N saved starting states and x_0."""
-    return jax.tree.map(
-        lambda s, x: jax.numpy.concatenate([s, x[None]], axis=0), saved_x, x_0
-    )

@@ -11,30 +11,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _validate as V
-from ._adjoint import Backprop
 from ._conditioning import PerStep, z_at
-from ._core import (
-    Args,
-    Problem,
-    bind_model,
-    draw_noise,
-    forward,
-    normal_like,
-    state_dtype,
-    with_final,
-)
+from ._controller import AbstractController
+from ._core import bind_model, draw_noise, normal_like, state_dtype
+from ._loop import integrate, is_adaptive, trajectory
+from ._sample import prepare, resolve_solver
 from ._schedule import AbstractSchedule
-from ._solver import DDIM, AbstractSolver, RexLatent, SDEDPMSolver
-from ._solver.base import AbstractLinearMultistepSolver
-from ._solver.rex import AbstractRex
-
-
-def _prepare(eps_fn, params, x_0, z, schedule, ts, solver, where):
-    V.check_solver(solver, where)
-    x_0 = V.check_state(x_0, "x_0", where)
-    ts = V.check_ts(ts, schedule, where)
-    z, per_step, _ = V.prepare_z(z, ts, where)
-    return x_0, z, per_step, ts
+from ._solver import DDIM, AbstractSolver, SDEDPMSolver
+from ._solver.base import AbstractLinearMultistepSolver, AbstractReversibleSolver
 
 
 def encode_ode(
@@ -46,6 +30,7 @@ def encode_ode(
     schedule: AbstractSchedule,
     ts,
     solver: AbstractSolver = DDIM(),
+    controller: AbstractController | None = None,
     return_trajectory: bool = False,
 ):
     r"""DDIM inversion: the ``x_T`` that sampling on ``ts`` maps (approximately) to ``x_0``.
@@ -61,6 +46,10 @@ def encode_ode(
     that will decode the result; ``solver`` must be an ODE sampler (default ``DDIM()``).
     With ``return_trajectory=True`` also returns the N + 1 states, ordered like ``ts``
     (first ``x_T``, last ``x_0``).
+
+    With an adaptive ``controller`` (``ts`` the two end times) the ODE is integrated from
+    ``ts[-1]`` up to ``ts[0]`` with adaptive steps; the trajectory then has ``max_steps + 1``
+    entries, the states at the accepted times (from ``x_T``) followed by ``x_0`` repeated.
 
     With a reversible solver (``solver=jadeis.Rex(...)``) the inversion is exact: the
     result is a :class:`jadeis.RexLatent` (both coupled states at ``ts[0]``, the grid length
@@ -85,52 +74,76 @@ def encode_ode(
     ```
     """
     where = "encode_ode"
-    if isinstance(solver, AbstractRex) and solver.stochastic:
-        raise ValueError(
-            f"{where}: {type(solver).__name__} is stochastic: encode with "
-            f"jadeis.encode_sde(..., solver={solver!r}, key=key), which returns the latent and "
-            f"the Brownian path's noise."
-        )
+    solver, controller = resolve_solver(solver, controller, where)
     if solver.stochastic:
         raise ValueError(
-            f"{where}: DDIM inversion needs an ODE sampler such as jadeis.DDIM(), got "
-            f"{type(solver).__name__}; for SDE samplers use jadeis.encode_sde."
+            f"{where}: {type(solver).__name__} is an SDE sampler: encode with "
+            f"jadeis.encode_sde(..., solver={solver!r}, ...)"
+            + (
+                ", which returns the latent and the Brownian path's noise."
+                if isinstance(solver, AbstractReversibleSolver)
+                else "."
+            )
         )
-    x_0, z, per_step, ts = _prepare(eps_fn, params, x_0, z, schedule, ts, solver, where)
-    V.check_pytree_solver(x_0, solver, "x_0", where)
-    problem = Problem(eps_fn, solver, Backprop(), per_step, "none", return_trajectory)
-    if isinstance(solver, AbstractRex):
-        return _encode_rex(
-            problem, Args(params, x_0, z, schedule, ts, None), V.checked_eagerly(ts, schedule)
-        )
-    return _encode_ode(
-        problem, Args(params, x_0, z, schedule, ts, None), V.checked_eagerly(ts, schedule)
+    problem, args, _ = prepare(
+        where,
+        eps_fn,
+        params,
+        x_0,
+        z,
+        schedule=schedule,
+        ts=ts,
+        solver=solver,
+        controller=controller,
+        adjoint=None,
+        save_trajectory=return_trajectory,
     )
+    checked = V.checked_eagerly(args.ts, args.schedule)
+    if is_adaptive(problem) and problem.solver.extrapolated_error:
+        raise ValueError(
+            f"{where}: {type(problem.solver).__name__}'s error estimate extrapolates the model "
+            f"outputs of the previous steps; integrating up from ts[-1], where the model "
+            f"output barely changes, it sees no error and lets the steps grow past where the "
+            f"output starts to change (encodings off by O(1) were measured). Encode adaptively "
+            f"with jadeis.SinglestepDPMSolver(order=2 or 3), whose estimate evaluates the model "
+            f"inside each step, or on a fixed grid."
+        )
+    if isinstance(problem.solver, AbstractReversibleSolver):
+        if is_adaptive(problem):
+            raise ValueError(
+                f"{where}: exact inversion with {type(problem.solver).__name__} runs the "
+                f"algebraic inverse of the steps a decoder will take; an adaptive controller "
+                f"would choose the decoder's steps from the latent, so encode on a fixed grid "
+                f"(ts of N + 1 times) and decode on the same grid."
+            )
+        V.check_pytree_solver(args.x_T, problem.solver, "x_0", where)
+        return _encode_exact(problem, args, checked)
+    return _encode_ode(problem, args, checked)
 
 
 @eqx.filter_jit
-def _encode_rex(problem, args, ts_checked):
-    """Exact inversion of a reversible solver: its ``inverse_step`` from ``(x_0, x_0)`` at
-    ``ts[-1]`` back to ``ts[0]``; returns a :class:`RexLatent` (and the N + 1 samples)."""
+def _encode_exact(problem, args, ts_checked):
+    """Exact inversion of a reversible solver: its ``inverse_step`` from ``init(x_0)`` at
+    ``ts[-1]`` back to ``ts[0]``; returns its latent (and the N + 1 samples)."""
     V.check_problem_model(problem, args, "encode_ode", t_index=-1)  # once per compilation
     params, x_0, z, schedule, ts, noise = args
     if not ts_checked:
         ts = V.check_ts_traced(ts, schedule, "encode_ode")
     solver = problem.solver
     n = ts.shape[0] - 1
-    inputs = solver.inputs(schedule, ts, x_0.dtype)
+    inputs = solver.inputs(schedule, ts, state_dtype(x_0))
 
     def body(state, xs):
         i, inp = xs
         model = bind_model(problem, params, z_at(z, i, problem.per_step_z))
         xi = draw_noise(problem, noise, i, solver.output(state))
         prev = solver.inverse_step(model, inp, state, xi)
-        return prev, (solver.output(prev) if problem.return_trajectory else None)
+        return prev, (solver.output(prev) if problem.save_trajectory else None)
 
-    (x_T, xh_T), saved = lax.scan(body, (x_0, x_0), (jnp.arange(n), inputs), reverse=True)
-    latent = RexLatent(x_T, xh_T, n, solver)
-    if problem.return_trajectory:
-        return latent, with_final(saved, x_0)
+    first, saved = lax.scan(body, solver.init(x_0), (jnp.arange(n), inputs), reverse=True)
+    latent = solver.latent(first, n)
+    if problem.save_trajectory:
+        return latent, jax.tree.map(lambda s, x: jnp.concatenate([s, x[None]]), saved, x_0)
     return latent
 
 
@@ -143,10 +156,20 @@ def _encode_ode(problem, args, ts_checked):
     if problem.per_step_z:
         z = PerStep(jax.tree.map(lambda v: v[::-1], z.values))
     args = args._replace(z=z, ts=ts[::-1])
-    x_T, saved, _ = forward(problem, args, save="x" if problem.return_trajectory else None)
-    if problem.return_trajectory:
-        return x_T, jax.tree.map(lambda v: v[::-1], with_final(saved, x_T))
-    return x_T
+    res = integrate(
+        problem, args, save="x" if problem.save_trajectory else None, bounded=is_adaptive(problem)
+    )
+    x_T = res.x_0
+    if not problem.save_trajectory:
+        return x_T
+    traj = trajectory(res.saved, x_T, res.grid)  # from x_0 up to x_T
+    if res.grid.fixed:
+        return x_T, jax.tree.map(lambda v: v[::-1], traj)
+    # the accepted states reversed (x_T first), then x_0 repeated
+    k = jax.tree.leaves(traj)[0].shape[0]
+    j = jnp.arange(k, dtype=jnp.int32)
+    src = jnp.where(j <= res.grid.count, res.grid.count - j, 0)
+    return x_T, jax.tree.map(lambda v: v[src], traj)
 
 
 def encode_sde(
@@ -202,13 +225,14 @@ def encode_sde(
     ```
     """
     where = "encode_sde"
+    solver, _ = resolve_solver(solver, None, where)
     if not solver.stochastic:
         raise ValueError(
             f"{where}: solver must be an SDE sampler such as jadeis.SDEDPMSolver(), got "
             f"{type(solver).__name__}; for ODE samplers use jadeis.encode_ode."
         )
-    if isinstance(solver, AbstractRex):
-        return _encode_sde_rex(eps_fn, params, x_0, z, schedule, ts, solver, key, path, where)
+    if isinstance(solver, AbstractReversibleSolver):
+        return _encode_sde_exact(eps_fn, params, x_0, z, schedule, ts, solver, key, path, where)
     if (key is None) == (path is None):
         raise ValueError(f"{where}: give exactly one of key= (to draw the path) or path=.")
     if not isinstance(solver, AbstractLinearMultistepSolver):
@@ -216,7 +240,22 @@ def encode_sde(
             f"{where}: Cycle-SDE encoding needs a linear multistep SDE sampler such as "
             f"jadeis.SDEDPMSolver(), got {type(solver).__name__}."
         )
-    x_0, z, per_step, ts = _prepare(eps_fn, params, x_0, z, schedule, ts, solver, where)
+    # the checks of every entry point (the key only stands in for the noise source: the
+    # noise is solved for along the path)
+    problem, args, _ = prepare(
+        where,
+        eps_fn,
+        params,
+        x_0,
+        z,
+        schedule=schedule,
+        ts=ts,
+        solver=solver,
+        controller=None,
+        adjoint=None,
+        key=jax.random.key(0) if key is None else key,
+    )
+    x_0, ts = args.x_T, args.ts
     n = ts.shape[0] - 1
     if path is not None and not isinstance(x_0, jax.Array):
         try:
@@ -240,15 +279,10 @@ def encode_sde(
                 f"{where}: path must have shape (N + 1,) + x_0.shape = {(n + 1,) + x_0.shape}, "
                 f"got {path.shape}."
             )
-    else:
-        _, key = V.prepare_noise(solver, key, None, n, x_0, where)
-    problem = Problem(eps_fn, solver, Backprop(), per_step, "none", False)
+    key = args.noise if path is None else None
+    problem = problem._replace(noise_mode="none")
     return _encode_sde(
-        problem,
-        Args(params, x_0, z, schedule, ts, None),
-        key,
-        path,
-        V.checked_eagerly(ts, schedule),
+        problem, args._replace(noise=None), key, path, V.checked_eagerly(ts, schedule)
     )
 
 
@@ -326,21 +360,29 @@ def _posterior_path(schedule, ts, x_0, key):
     return jnp.concatenate([x_start[None], mid, x_0[None]], axis=0)
 
 
-def _encode_sde_rex(eps_fn, params, x_0, z, schedule, ts, solver, key, path, where):
-    """Exact inversion of :class:`jadeis.SDERex` along the Brownian path of ``key``."""
+def _encode_sde_exact(eps_fn, params, x_0, z, schedule, ts, solver, key, path, where):
+    """Exact inversion of a reversible SDE solver along the Brownian path of ``key``."""
     if path is not None:
         raise ValueError(
             f"{where}: {type(solver).__name__} is inverted exactly along its Brownian path: "
             f"pass key= (the path), not path=."
         )
-    x_0, z, per_step, ts = _prepare(eps_fn, params, x_0, z, schedule, ts, solver, where)
-    V.check_pytree_solver(x_0, solver, "x_0", where)
-    n = ts.shape[0] - 1
-    noise_mode, key = V.prepare_noise(solver, key, None, n, x_0, where)
-    problem = Problem(eps_fn, solver, Backprop(), per_step, noise_mode, False)
-    args = Args(params, x_0, z, schedule, ts, key)
-    latent = _encode_rex(problem, args, V.checked_eagerly(ts, schedule))
-    return latent, _draw_all(problem, key, n, x_0)
+    problem, args, _ = prepare(
+        where,
+        eps_fn,
+        params,
+        x_0,
+        z,
+        schedule=schedule,
+        ts=ts,
+        solver=solver,
+        controller=None,
+        adjoint=None,
+        key=key,
+    )
+    n = args.ts.shape[0] - 1
+    latent = _encode_exact(problem, args, V.checked_eagerly(args.ts, args.schedule))
+    return latent, _draw_all(problem, args.noise, n, args.x_T)
 
 
 @eqx.filter_jit

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from ._ei import model_time_dtype
 from ._schedule import AbstractSchedule
-from ._solver.base import model_time_dtype
 
 _PREDICTIONS = ("eps", "x0", "v", "flow")
 # diffusers' prediction_type names

@@ -1,4 +1,10 @@
-"""The public entry points: ``sample`` and ``solve_adjoint``."""
+"""The public entry points: ``sample``, ``sample_trajectory``, ``solve`` and ``solve_adjoint``.
+
+Every entry point (these, ``guide``/``Guidance``, ``encode_ode``/``encode_sde``) builds its
+sampling problem with one prologue, :func:`prepare`: the solver and controller, the strategy,
+``ts``, ``x_T``, the conditioning, the noise source and the model's parameters are checked
+and normalised once, the same way, before anything is compiled.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +16,98 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from . import _adaptive, _validate as V
-from ._adjoint import AbstractAdjoint, AdjointDEIS, DiscreteAdjoint  # noqa: F401
+from . import _validate as V
+from ._adjoint import AbstractAdjoint, DiscreteAdjoint
+from ._adjoint.base import Out
 from ._conditioning import ConditioningFn
-from ._core import Args, Problem
+from ._controller import AbstractAdaptiveController, AbstractController, Adaptive, FixedGrid
+from ._core import Args, Problem, split_params
+from ._loop import Stats
 from ._schedule import AbstractSchedule
-from ._solver import AbstractSolver, Adaptive, DPMSolverPP, RexLatent, SDEDPMSolver
+from ._solver import AbstractSolver, DPMSolverPP, RexLatent, SDEDPMSolver
 from ._trajectory_check import check_trajectory as check_trajectory_of
+
+
+def resolve_solver(solver, controller, where: str):
+    """``(solver, controller)``: an :class:`jadeis.Adaptive` is unpacked into its solver and
+    PID controller; both are type-checked."""
+    if isinstance(solver, Adaptive):
+        if controller is not None and not isinstance(controller, FixedGrid):
+            raise ValueError(
+                f"{where}: solver=jadeis.Adaptive(...) already carries its controller; pass "
+                f"either solver=Adaptive(inner, ...) or solver=inner, controller=... (got "
+                f"controller={controller!r})."
+            )
+        return solver.solver, solver.controller
+    V.check_solver(solver, where)
+    if controller is None:
+        controller = FixedGrid()
+    if not isinstance(controller, AbstractController):
+        raise ValueError(
+            f"{where}: controller must be a step-size controller such as jadeis.FixedGrid() "
+            f"(the steps of ts, the default) or jadeis.PIDController(rtol=..., atol=...), got "
+            f"{controller!r}."
+        )
+    return solver, controller
+
+
+def prepare(
+    where: str,
+    eps_fn: Callable,
+    params,
+    x_T,
+    z,
+    *,
+    schedule,
+    ts,
+    solver,
+    controller,
+    adjoint,
+    key=None,
+    noise=None,
+    save_trajectory: bool = False,
+):
+    """The one prologue of every entry point: ``(problem, args, adjoint)``, validated."""
+    solver, controller = resolve_solver(solver, controller, where)
+    if adjoint is not None:
+        V.check_adjoint(adjoint, where)
+    ts = V.check_ts(ts, schedule, where)
+    controller.check(solver, ts, schedule, where)
+    adaptive = isinstance(controller, AbstractAdaptiveController)
+    n = ts.shape[0] - 1
+    x_T = V.check_x_T(x_T, solver, n, where, adaptive=adaptive)
+    x_arr = x_T.x if isinstance(x_T, RexLatent) else x_T
+    z, per_step, _ = V.prepare_z(z, ts, where, adaptive=adaptive)
+    noise_mode, noise_arg = V.prepare_noise(solver, key, noise, n, x_arr, where)
+    dynamic, static = split_params(params)
+    problem = Problem(eps_fn, solver, controller, per_step, noise_mode, save_trajectory, static)
+    if adjoint is not None:
+        adjoint.check(problem, n)
+    return problem, Args(dynamic, x_T, z, schedule, ts, noise_arg), adjoint
+
+
+class Solution(NamedTuple):
+    """What :func:`solve` returns.
+
+    - `x_0`: the sample.
+    - `ts`: the accepted times: ``ts`` itself on a fixed grid; for an adaptive controller
+      ``max_steps + 1`` times, the first ``stats.num_steps + 1`` accepted and the rest
+      repeating the end time (not differentiable).
+    - `trajectory`: with ``save_trajectory=True``, the states at those times (padded with
+      ``x_0``), else ``None``.
+    - `stats`: a :class:`jadeis.Stats`: accepted and rejected steps, model evaluations of
+      the run, and the model evaluations and VJPs its gradient costs with the strategy.
+    """
+
+    x_0: Any
+    ts: Any
+    trajectory: Any
+    stats: Stats
+
+    @property
+    def num_steps(self):
+        """The number of accepted steps."""
+        return self.stats.num_steps
 
 
 def sample(
@@ -28,6 +119,7 @@ def sample(
     schedule: AbstractSchedule,
     ts,
     solver: AbstractSolver = DPMSolverPP(order=2),
+    controller: AbstractController | None = None,
     adjoint: AbstractAdjoint = DiscreteAdjoint(),
     key=None,
     noise=None,
@@ -37,42 +129,54 @@ def sample(
     r"""Sample a diffusion model from ``x_T`` at ``ts[0]`` down to ``x_0`` at ``ts[-1]``.
 
     Differentiable with ``jax.grad``/``jax.vjp`` with respect to ``params``, ``x_T`` and
-    ``z`` (any pytrees), ``noise``, and (with ``DiscreteAdjoint``/``Backprop``) the time
-    grid ``ts`` and the schedule's parameters, with the gradient strategy ``adjoint``.
-    Jit-compiled; works under ``vmap`` and with ``x_T`` sharded over devices.
+    ``z`` (any pytrees), ``noise``, and (on a fixed grid, with ``DiscreteAdjoint``,
+    ``ReversibleAdjoint`` or ``Backprop``) the time grid ``ts`` and the schedule's
+    parameters, with the gradient strategy ``adjoint``. Jit-compiled once per configuration
+    and shapes; works under ``vmap`` and with ``x_T`` sharded over devices.
 
     **Arguments:**
 
     - `eps_fn`: the noise-prediction model ``eps_fn(params, x, t, z) -> eps`` with the
-      shape and dtype of ``x`` (use :func:`jadeis.as_eps_fn` for x0/v/flow models).
-    - `params`: the model parameters (any pytree).
+      shape of ``x`` (any floating dtype; use :func:`jadeis.as_eps_fn` for x0/v/flow models).
+      A new function object (a new ``lambda``) is a new configuration and compiles again:
+      keep one function object across calls.
+    - `params`: the model parameters: any pytree; its array leaves are the parameters
+      (traced and differentiated), anything else (an Equinox module's activation functions,
+      flags) is closed over, as ``equinox.filter_jit`` does.
     - `x_T`: initial noise, any shape (typically a leading batch axis); or a pytree of
       arrays sharing one floating dtype (e.g. ``{"image": ..., "audio": ...}`` latents
       sampled together), which ``eps_fn`` then receives and returns.
     - `z`: conditioning (any pytree, or ``None``); a :class:`jadeis.PerStep` or
-      :class:`jadeis.ConditioningFn` for conditioning that varies over the steps.
+      :class:`jadeis.ConditioningFn` for conditioning that varies over the steps (fixed
+      grids only).
     - `schedule`: the noise schedule.
-    - `ts`: the N + 1 strictly decreasing times, e.g. ``jadeis.time_grid(schedule, N)``.
-    - `solver`: the sampler (default ``DPMSolverPP(order=2)``).
+    - `ts`: the N + 1 strictly decreasing times, e.g. ``jadeis.time_grid(schedule, N)``;
+      with an adaptive controller, the two end times ``[t_T, t_0]``.
+    - `solver`: the sampler (default ``DPMSolverPP(order=2)``); or a
+      :class:`jadeis.Adaptive` (a solver and a PID controller in one argument).
+    - `controller`: the step-size controller: :class:`jadeis.FixedGrid` (default: the steps
+      of ``ts``) or :class:`jadeis.PIDController` (adaptive steps with error control).
     - `adjoint`: the gradient strategy: ``DiscreteAdjoint()`` (default: exact gradient of
       this sampler, memory N x |x|), ``AdjointDEIS(order, steps, trajectory)`` (continuous
-      adjoint; ``trajectory="reconstruct"`` for memory independent of N) or ``Backprop()``.
+      adjoint; ``trajectory="reconstruct"`` for memory independent of N),
+      ``ReversibleAdjoint()`` (Rex: exact, memory independent of N) or ``Backprop()``.
     - `key`: PRNG key for SDE samplers (step i uses ``fold_in(key, i)``; for a pytree
       ``x_T``, leaf j of step i uses ``fold_in(fold_in(key, i), j)``, leaves in
       ``jax.tree.leaves`` order).
     - `noise`: alternatively, the Gaussian noise of every step, shape ``(N,) + x_T.shape``
       (a pytree like ``x_T`` with a leading N on each leaf for a pytree state; then
       gradients with respect to it are available too).
-    - `return_trajectory`: also return the N + 1 states at every time of ``ts``.
     - `check_finite`: raise if ``x_T`` or the result is not finite (a traced check on the
       state; off by default because it synchronises with the host).
+    - `return_trajectory`: deprecated; use :func:`jadeis.sample_trajectory`.
 
     What is checked: eagerly, before compiling, the types of ``schedule``/``solver``/
-    ``adjoint``, shapes and dtypes, the model's output shape and dtype, the noise source,
-    and a concrete ``ts`` (finite, strictly decreasing, inside the schedule's range); a
-    ``ts`` traced under your own ``jit`` is checked at run time, attached to ``ts`` only.
+    ``controller``/``adjoint``, shapes and dtypes, the model's output shape and dtype, the
+    noise source, and a concrete ``ts`` (finite, strictly decreasing, inside the schedule's
+    range); a ``ts`` traced under your own ``jit`` is checked at run time, attached to
+    ``ts`` only.
 
-    **Returns:** ``x_0``, or ``(x_0, trajectory)`` with ``return_trajectory=True``.
+    **Returns:** ``x_0`` (use :func:`jadeis.solve` for the accepted grid and the cost).
 
     **Example:**
 
@@ -103,16 +207,28 @@ def sample(
             schedule=schedule,
             ts=ts,
             solver=solver,
+            controller=controller,
             adjoint=adjoint,
             key=key,
             noise=noise,
             check_finite=check_finite,
         )
-        return traj[-1], traj
-    problem, args = _prepare(
-        "sample", eps_fn, params, x_T, z, schedule, ts, solver, adjoint, key, noise, False
+        return jax.tree.map(lambda v: v[-1], traj), traj
+    problem, args, adjoint = prepare(
+        "sample",
+        eps_fn,
+        params,
+        x_T,
+        z,
+        schedule=schedule,
+        ts=ts,
+        solver=solver,
+        controller=controller,
+        adjoint=adjoint,
+        key=key,
+        noise=noise,
     )
-    return _sample(problem, args, check_finite, V.checked_eagerly(args.ts, args.schedule))[0]
+    return run(problem, args, adjoint, check_finite).x_0
 
 
 def sample_trajectory(
@@ -124,16 +240,20 @@ def sample_trajectory(
     schedule: AbstractSchedule,
     ts,
     solver: AbstractSolver = DPMSolverPP(order=2),
+    controller: AbstractController | None = None,
     adjoint: AbstractAdjoint = DiscreteAdjoint(),
     key=None,
     noise=None,
     check_finite: bool = False,
 ):
-    r"""Like :func:`sample`, but returns the N + 1 states at every time of ``ts``.
+    r"""Like :func:`sample`, but returns the states at every time of the grid.
 
-    The result has shape ``(N + 1,) + x_T.shape`` (for a pytree ``x_T``, the same pytree
-    with a leading N + 1 axis on each leaf); its first entry is ``x_T`` and its last
-    ``x_0``. Gradients flow through every state (with every strategy). This is what
+    On a fixed grid the result has shape ``(N + 1,) + x_T.shape`` (for a pytree ``x_T``,
+    the same pytree with a leading N + 1 axis on each leaf); its first entry is ``x_T`` and
+    its last ``x_0``. With an adaptive controller it has ``max_steps + 1`` entries: the
+    states at the accepted times, then ``x_0`` repeated (:func:`jadeis.solve` with
+    ``save_trajectory=True`` returns them with the accepted times and their number).
+    Gradients flow through every state (with every strategy). This is what
     :func:`solve_adjoint` takes as ``trajectory=``.
 
     **Example:**
@@ -149,56 +269,114 @@ def sample_trajectory(
 
     ```
     """
-    problem, args = _prepare(
-        "sample_trajectory", eps_fn, params, x_T, z, schedule, ts, solver, adjoint, key, noise, True
+    problem, args, adjoint = prepare(
+        "sample_trajectory",
+        eps_fn,
+        params,
+        x_T,
+        z,
+        schedule=schedule,
+        ts=ts,
+        solver=solver,
+        controller=controller,
+        adjoint=adjoint,
+        key=key,
+        noise=noise,
+        save_trajectory=True,
     )
-    return _sample(problem, args, check_finite, V.checked_eagerly(args.ts, args.schedule))[1]
+    return run(problem, args, adjoint, check_finite).trajectory
 
 
-def _prepare(where, eps_fn, params, x_T, z, schedule, ts, solver, adjoint, key, noise, traj):
-    V.check_solver(solver, where)
-    V.check_adjoint(adjoint, where)
-    ts = V.check_ts(ts, schedule, where)
-    n = ts.shape[0] - 1
-    x_T = V.check_x_T(x_T, solver, n, where)
-    x_arr = x_T.x if isinstance(x_T, RexLatent) else x_T
-    z, per_step, _ = V.prepare_z(z, ts, where)
-    noise_mode, noise_arg = V.prepare_noise(solver, key, noise, n, x_arr, where)
-    problem = Problem(eps_fn, solver, adjoint, per_step, noise_mode, traj)
-    if isinstance(solver, Adaptive):
-        V.check_adaptive(problem, ts, x_T, schedule, where)
-    else:
-        adjoint.check(problem, n)
-    return problem, Args(params, x_T, z, schedule, ts, noise_arg)
+def solve(
+    eps_fn: Callable,
+    params: Any,
+    x_T,
+    z: Any = None,
+    *,
+    schedule: AbstractSchedule,
+    ts,
+    solver: AbstractSolver = DPMSolverPP(order=2),
+    controller: AbstractController | None = None,
+    adjoint: AbstractAdjoint = DiscreteAdjoint(),
+    key=None,
+    noise=None,
+    save_trajectory: bool = False,
+    check_finite: bool = False,
+) -> Solution:
+    r"""Sample, and report the steps taken and what they cost: a :class:`jadeis.Solution`.
+
+    The same run as :func:`sample` (differentiable the same way through ``x_0`` and the
+    trajectory), returning also the accepted times and :class:`jadeis.Stats`: accepted and
+    rejected steps, model evaluations, and the model evaluations and VJPs a gradient of this
+    run costs with ``adjoint``. Arguments as in :func:`sample`; ``save_trajectory``: also
+    return the states at the accepted times.
+
+    **Example:**
+
+    ```python
+    >>> import jax.numpy as jnp
+    >>> import jadeis
+    >>> sch = jadeis.VPLinear()
+    >>> sol = jadeis.solve(lambda p, x, t, z: p * x, 0.5, jnp.ones((2, 3)), schedule=sch,
+    ...                    ts=jadeis.time_grid(sch, 10), solver=jadeis.Rex(),
+    ...                    adjoint=jadeis.ReversibleAdjoint())
+    >>> int(sol.stats.num_steps), int(sol.stats.model_evals), int(sol.stats.grad_vjps)
+    (10, 40, 40)
+
+    ```
+    """
+    problem, args, adjoint = prepare(
+        "solve",
+        eps_fn,
+        params,
+        x_T,
+        z,
+        schedule=schedule,
+        ts=ts,
+        solver=solver,
+        controller=controller,
+        adjoint=adjoint,
+        key=key,
+        noise=noise,
+        save_trajectory=save_trajectory,
+    )
+    out = run(problem, args, adjoint, check_finite)
+    return Solution(out.x_0, out.ts, out.trajectory, out.stats)
+
+
+def run(
+    problem: Problem,
+    args: Args,
+    adjoint: AbstractAdjoint,
+    check_finite: bool = False,
+    where: str = "sample",
+) -> Out:
+    """Run a prepared problem (compiled once per configuration and shapes)."""
+    return _run(
+        problem, args, adjoint, check_finite, V.checked_eagerly(args.ts, args.schedule), where
+    )
 
 
 @eqx.filter_jit
-def _sample(problem: Problem, args: Args, check_finite: bool, ts_checked: bool):
-    where = "sample"
+def _run(problem: Problem, args: Args, adjoint, check_finite: bool, ts_checked: bool, where):
     V.check_problem_model(problem, args, where)  # at trace time: once per compilation
     if not ts_checked:
         args = args._replace(ts=V.check_ts_traced(args.ts, args.schedule, where))
     if check_finite:
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(args.x_T)]))
         args = args._replace(
-            x_T=eqx.error_if(
-                args.x_T,
-                ~finite,
-                f"{where}: x_T has non-finite values (NaN or inf).",
-            )
+            x_T=eqx.error_if(args.x_T, ~finite, f"{where}: x_T has non-finite values (NaN or inf).")
         )
-    if isinstance(problem.solver, Adaptive):
-        x_0, traj = _adaptive.run(problem, args), None
-    else:
-        x_0, traj = problem.adjoint.run(problem, args)
+    out = adjoint.run(problem, args)
     if check_finite:
         x_0 = eqx.error_if(
-            x_0,
-            ~jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(x_0)])),
+            out.x_0,
+            ~jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(out.x_0)])),
             f"{where}: sampling produced non-finite values; check eps_fn and the time grid "
             f"(t near a schedule end point where alpha or sigma vanish).",
         )
-    return x_0, traj
+        out = out._replace(x_0=x_0)
+    return out
 
 
 class AdjointResult(NamedTuple):
@@ -221,6 +399,7 @@ def solve_adjoint(
     x_0=None,
     adjoint: AbstractAdjoint = DiscreteAdjoint(),
     solver: AbstractSolver | None = None,
+    controller: AbstractController | None = None,
     sde: bool | None = None,
     check_trajectory: bool = True,
 ) -> AdjointResult:
@@ -228,7 +407,11 @@ def solve_adjoint(
 
     **Arguments:**
 
-    - `eps_fn`, `params`, `z`, `schedule`, `ts`: as in :func:`sample`.
+    - `eps_fn`, `params`, `z`, `schedule`: as in :func:`sample`.
+    - `ts`: the N + 1 times of the forward pass. For a run with an adaptive controller, its
+      accepted times (``solution.ts[: solution.num_steps + 1]`` of :func:`jadeis.solve`),
+      with ``controller=`` that controller (its steps' formulas differ from a fixed grid's at
+      the end of short grids).
     - `grad_x0`: dL/dx_0, shape of x_0 (a pytree like x_0 for a pytree state; then
       ``trajectory`` is that pytree with a leading N + 1 axis on each leaf).
     - `trajectory`: the N + 1 states at every time of ``ts``, from ``ts[0]`` to ``ts[-1]``
@@ -243,14 +426,13 @@ def solve_adjoint(
       default ``DPMSolverPP(order=2)``). Whether the path is an SDE path is taken from it
       (``solver.stochastic``): pass e.g. ``SDEDPMSolverPP()`` for a trajectory sampled with
       it. AdjointDEIS also uses it to re-solve the states when ``steps=M`` differs from N.
+    - `controller`: the controller of the forward pass (default: a fixed grid).
     - `sde`: deprecated; implied by ``solver``. ``sde=True`` without ``solver`` means
       ``SDEDPMSolver()``; a value that disagrees with ``solver`` is an error.
     - `check_trajectory`: check, when the inputs are concrete (not under ``jit``), that
-      ``trajectory`` is a path of ``solver`` on ``ts``: its first and last steps are re-run
-      (at most 1 + order model evaluations each) and must reproduce the next state (ODE), or
-      imply plausible standard Gaussian noise (SDE). A reversed trajectory, another grid,
-      or an SDE path given with an ODE solver are rejected with a ``ValueError``. Turn it
-      off for a path from a sampler other than ``solver`` (AdjointDEIS only).
+      ``trajectory`` is a path of ``solver`` on ``ts`` (docs/checks.md says precisely what
+      the check can and cannot see). Turn it off for a path from a sampler other than
+      ``solver`` (AdjointDEIS only).
 
     **Returns:** an :class:`AdjointResult` with fields ``x_T``, ``z``, ``params``.
 
@@ -273,8 +455,6 @@ def solve_adjoint(
     """
     where = "solve_adjoint"
     V.check_adjoint(adjoint, where)
-    ts = V.check_ts(ts, schedule, where)
-    n = ts.shape[0] - 1
     if (trajectory is None) == (x_0 is None):
         raise ValueError(
             f"{where}: give exactly one of trajectory= (the N + 1 states at ts, for the cached "
@@ -291,7 +471,7 @@ def solve_adjoint(
         )
     if solver is None:
         solver = SDEDPMSolver() if sde else DPMSolverPP(order=2)
-    V.check_solver(solver, where)
+    solver, controller = resolve_solver(solver, controller, where)
     if sde is not None and bool(sde) != solver.stochastic:
         raise ValueError(
             f"{where}: sde={sde} disagrees with the solver {type(solver).__name__}, which is "
@@ -303,6 +483,8 @@ def solve_adjoint(
             f"{where}: the SDE adjoint runs along the sampled path: pass trajectory=, not x_0= "
             f"(the path cannot be reconstructed)."
         )
+    ts = V.check_ts(ts, schedule, where)
+    n = ts.shape[0] - 1
     if V.is_pytree_state(trajectory if trajectory is not None else x_0):
         trajectory, x_0, grad_x0, ref = _check_tree_inputs(trajectory, x_0, grad_x0, n, where)
     else:
@@ -310,17 +492,18 @@ def solve_adjoint(
     V.check_pytree_solver(ref, solver, "trajectory" if trajectory is not None else "x_0", where)
     z_in = z
     z, per_step, _ = V.prepare_z(z, ts, where)
-    problem = Problem(eps_fn, solver, adjoint, per_step, "none", False)
+    dynamic, static = split_params(params)
+    problem = Problem(eps_fn, solver, controller, per_step, "none", False, static)
     adjoint.check(problem, n)
     first = ref if trajectory is None else jax.tree.map(lambda v: v[0], trajectory)
-    args = Args(params, first, z, schedule, ts, None)
+    args = Args(dynamic, first, z, schedule, ts, None)
     if (
         check_trajectory
         and trajectory is not None
         and all(V.is_concrete(v) for v in jax.tree.leaves((args, trajectory)))
     ):
         check_trajectory_of(problem, args, trajectory, where)
-    cts = _solve(problem, args, trajectory, x_0, grad_x0, V.checked_eagerly(ts, schedule))
+    cts = _solve(problem, args, adjoint, trajectory, x_0, grad_x0, V.checked_eagerly(ts, schedule))
     zbar = cts.z
     if isinstance(z_in, ConditioningFn):
         _, vjp = jax.vjp(lambda p: ConditioningFn(z_in.fn, p).per_step(ts), z_in.params)
@@ -387,9 +570,9 @@ def _check_tree_inputs(trajectory, x_0, grad_x0, n, where):
 
 
 @eqx.filter_jit
-def _solve(problem, args, trajectory, x_0, grad_x0, ts_checked):
+def _solve(problem, args, adjoint, trajectory, x_0, grad_x0, ts_checked):
     ref = jax.tree.map(lambda v: v[-1], trajectory) if trajectory is not None else x_0
     V.check_problem_model(problem, args, "solve_adjoint", x=ref)
     if not ts_checked:
         args = args._replace(ts=V.check_ts_traced(args.ts, args.schedule, "solve_adjoint"))
-    return problem.adjoint.solve(problem, args, trajectory, x_0, grad_x0)
+    return adjoint.solve(problem, args, trajectory, x_0, grad_x0)

@@ -28,6 +28,7 @@ import numpy as np
 
 from ._conditioning import z_at
 from ._core import Args, Problem, bind_model, state_dtype
+from ._loop import fixed_rows
 from ._solver.base import AbstractLinearMultistepSolver
 
 
@@ -72,7 +73,7 @@ def _state_at(problem: Problem, args: Args, inputs, trajectory, i: int):
 def _measure(problem: Problem, args: Args, trajectory, steps: tuple):
     solver = problem.solver
     dtype = state_dtype(trajectory)
-    inputs = solver.inputs(args.schedule, args.ts, dtype)
+    inputs = fixed_rows(problem, args.schedule, args.ts, dtype)
     out = []
     for i in steps:
         inp = jax.tree.map(lambda v, i=i: v[i], inputs)
@@ -82,7 +83,7 @@ def _measure(problem: Problem, args: Args, trajectory, steps: tuple):
             xi, _ = solver.noise_of_step(model, inp, state, _at(trajectory, i + 1))
             out.append(_mean_square(xi))
         else:
-            nxt = solver.output(solver.step(model, inp, state, None))
+            nxt = solver.output(solver.step(model, inp, state, None)[0])
             diff = _norm(jax.tree.map(jnp.subtract, nxt, _at(trajectory, i + 1)))
             ref = _norm(_at(trajectory, i + 1))
             out.append(diff / jnp.maximum(ref, jnp.finfo(jnp.float32).tiny))

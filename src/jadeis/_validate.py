@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._adjoint import AbstractAdjoint
 from ._conditioning import ConditioningFn, PerStep
 from ._schedule import AbstractSchedule
 from ._solver import AbstractSolver, RexLatent
+from ._solver.base import AbstractReversibleSolver
 
 
 def is_concrete(v) -> bool:
@@ -36,21 +36,18 @@ def check_schedule(schedule, where: str):
 
 def check_solver(solver, where: str):
     if not isinstance(solver, AbstractSolver):
+        hint = ""
+        if isinstance(solver, type) and issubclass(solver, AbstractSolver):
+            hint = f" (the class itself: pass an instance, {solver.__name__}())"
         raise ValueError(
             f"{where}: solver must be a jadeis sampler such as jadeis.DPMSolverPP(order=2), "
-            f"got {solver!r}."
-        )
-    from ._solver import Adaptive
-
-    if isinstance(solver, Adaptive) and where != "sample":
-        raise ValueError(
-            f"{where}: adaptive step sizes (jadeis.Adaptive) are supported by jadeis.sample "
-            f"only; use a fixed grid here (ts of N + 1 times and a fixed-step solver such as "
-            f"{solver.solver!r})."
+            f"got {solver!r}{hint}."
         )
 
 
 def check_adjoint(adjoint, where: str):
+    from ._adjoint import AbstractAdjoint
+
     if not isinstance(adjoint, AbstractAdjoint):
         raise ValueError(
             f"{where}: adjoint must be a gradient strategy such as jadeis.DiscreteAdjoint(), "
@@ -221,11 +218,17 @@ def shapes_of(x):
     return jax.tree.map(lambda v: v.shape, x)
 
 
-def check_x_T(x_T, solver, n: int, where: str):
+def check_x_T(x_T, solver, n: int, where: str, adaptive: bool = False):
     """``x_T``: a floating-point array, or a :class:`RexLatent` for the solver and grid
     length that made it."""
     if isinstance(x_T, RexLatent):
-        if not callable(getattr(solver, "inverse_step", None)) or solver != x_T.solver:
+        if adaptive:
+            raise ValueError(
+                f"{where}: a RexLatent cannot be decoded with adaptive steps: it is the exact "
+                f"latent of the grid it was encoded on, and an adaptive controller would choose "
+                f"another; decode it on that fixed grid with solver={x_T.solver!r}."
+            )
+        if not isinstance(solver, AbstractReversibleSolver) or solver != x_T.solver:
             raise ValueError(
                 f"{where}: x_T is a RexLatent made by {x_T.solver!r}; decode it with that "
                 f"solver (solver={x_T.solver!r}), not {solver!r}."
@@ -249,7 +252,7 @@ def check_x_T(x_T, solver, n: int, where: str):
 
 
 def check_pytree_solver(x, solver, name: str, where: str):
-    if not isinstance(x, jax.Array) and callable(getattr(solver, "inverse_step", None)):
+    if not isinstance(x, jax.Array) and isinstance(solver, AbstractReversibleSolver):
         raise ValueError(
             f"{where}: pytree states are not supported by {type(solver).__name__} (Rex) yet; "
             f"pass {name} as one array (e.g. concatenate the flattened leaves), or use another "
@@ -303,10 +306,16 @@ def _check_model_tree(eps_fn, params, x, t, z, where: str):
         )
 
 
-def prepare_z(z, ts, where: str):
+def prepare_z(z, ts, where: str, adaptive: bool = False):
     """Normalise z: a ConditioningFn becomes a PerStep; check PerStep lengths. Returns
     ``(z, per_step, z at the first step)``."""
     n = ts.shape[0] - 1
+    if adaptive and isinstance(z, (ConditioningFn, PerStep)):
+        raise ValueError(
+            f"{where}: per-step conditioning ({type(z).__name__}) has one value per step of a "
+            f"fixed grid; an adaptive controller chooses its steps as it goes, so pass constant "
+            f"conditioning z (or a fixed grid)."
+        )
     if isinstance(z, ConditioningFn):
         z = z.per_step(ts)
     if isinstance(z, PerStep):
@@ -377,16 +386,16 @@ def prepare_noise(solver: AbstractSolver, key, noise, n: int, x, where: str):
 def check_problem_model(problem, args, where: str, x=None, t_index: int = 0):
     """``check_model`` on a prepared problem, meant to run at trace time inside the jitted
     entry point (once per compilation, not on every call)."""
-    from ._solver.base import model_time_dtype
+    from ._ei import model_time_dtype
 
-    x = problem.solver.output(problem.solver.init(args.x_T)) if x is None else x
+    x = problem.solver.output(problem.init(args.x_T)) if x is None else x
     z = args.z
     if problem.per_step_z:
         z = jax.tree.map(lambda v: v[0], z.values)
     from ._core import state_dtype
 
     t = args.ts[t_index].astype(model_time_dtype(state_dtype(x)))
-    check_model(problem.eps_fn, args.params, x, t, z, where)
+    check_model(problem.eps_fn, problem.params(args.params), x, t, z, where)
 
 
 def _noise_shapes(solver, n: int, x):
@@ -418,65 +427,3 @@ def _check_noise_tree(solver, noise, n: int, x, where: str):
     if not all(jnp.issubdtype(v.dtype, jnp.floating) for v in jax.tree.leaves(noise)):
         raise ValueError(f"{where}: the leaves of noise must be floating-point arrays.")
     return noise
-
-
-def check_adaptive(problem, ts, x_T, schedule, where: str):
-    """What :class:`jadeis.Adaptive` supports: ``sample`` with the two end times, an
-    array or pytree state, constant conditioning, DiscreteAdjoint (or ReversibleAdjoint for a
-    Rex solver)."""
-    from ._adjoint import DiscreteAdjoint, ReversibleAdjoint
-    from ._solver import RexLatent
-
-    solver = problem.solver
-    if where != "sample":
-        raise ValueError(
-            f"{where}: adaptive step sizes (jadeis.Adaptive) are supported by jadeis.sample "
-            f"only; use a fixed grid here (ts of N + 1 times and a fixed-step solver)."
-        )
-    if ts.shape[0] != 2:
-        raise ValueError(
-            f"{where}: with jadeis.Adaptive, ts must hold the two end times [t_T, t_0] (the "
-            f"controller chooses the steps in between), got {ts.shape[0]} times."
-        )
-    if _concrete(ts, schedule):
-        with jax.ensure_compile_time_eval():
-            lam = np.asarray(schedule.log_snr(jnp.asarray(ts)), np.float64)
-        if not np.all(np.isfinite(lam)):
-            raise ValueError(
-                f"{where}: jadeis.Adaptive needs finite log-SNRs at both end times; ts[-1] with "
-                f"sigma = 0 (time_grid(..., final='zero')) is not supported. End at "
-                f"schedule.t_min instead."
-            )
-    if not isinstance(x_T, (jax.Array, RexLatent)) and callable(
-        getattr(solver.solver, "inverse_step", None)
-    ):
-        check_pytree_solver(x_T, solver.solver, "x_T", where)
-    if isinstance(x_T, RexLatent):
-        raise ValueError(
-            f"{where}: a RexLatent cannot be decoded with adaptive steps (it is tied to the grid "
-            f"it was encoded on); decode it with that fixed grid and solver={x_T.solver!r}."
-        )
-    if problem.per_step_z:
-        raise ValueError(
-            f"{where}: per-step conditioning (PerStep / ConditioningFn) needs a fixed grid; with "
-            f"jadeis.Adaptive pass constant conditioning z."
-        )
-    if problem.return_trajectory:
-        raise ValueError(
-            f"{where}: jadeis.Adaptive returns x_0 only (the number of steps is not known in "
-            f"advance); use jadeis.sample."
-        )
-    adjoint = problem.adjoint
-    if isinstance(adjoint, ReversibleAdjoint):
-        if not callable(getattr(solver.solver, "inverse_step", None)):
-            raise ValueError(
-                f"{where}: ReversibleAdjoint needs a reversible solver inside Adaptive (such as "
-                f"jadeis.Rex()); {type(solver.solver).__name__} has none. Use "
-                f"DiscreteAdjoint()."
-            )
-    elif not isinstance(adjoint, DiscreteAdjoint):
-        raise ValueError(
-            f"{where}: jadeis.Adaptive supports adjoint=DiscreteAdjoint() (the exact gradient of "
-            f"the accepted steps) and, with a Rex solver, ReversibleAdjoint(); "
-            f"{type(adjoint).__name__} cannot differentiate through the adaptive loop."
-        )

@@ -35,8 +35,7 @@ def combine(ws, trees):
 
 
 def add(a, b):
-    return jax.tree.map(lambda u, v: u if is_float0(u) else (v if is_float0(v) else u + v),
-                        a, b)
+    return jax.tree.map(lambda u, v: u if is_float0(u) else (v if is_float0(v) else u + v), a, b)
 
 
 def _zeros(v):

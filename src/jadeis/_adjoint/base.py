@@ -1,16 +1,18 @@
-"""The gradient-strategy interface: a strategy owns its backward pass.
+"""The gradient-strategy interface: a strategy owns its backward pass, and wraps the loop.
 
-Every strategy but :class:`~jadeis.Backprop` runs the sampler inside one ``jax.custom_vjp``
-defined here, and supplies three methods:
+Every strategy but :class:`~jadeis.Backprop` runs the sampling loop (``jadeis._loop``)
+inside one ``jax.custom_vjp`` defined here, and supplies:
 
-- ``fwd(problem, args, perturbed)``: sample and keep what the backward pass needs
-  (``perturbed`` says, per argument leaf, whether a gradient is asked for, so gradients
-  that nobody asked for are never computed, and a strategy that cannot compute one raises
-  instead of returning a zero);
+- ``fwd(problem, args, perturbed)``: sample (``integrate``) and keep what the backward pass
+  needs. ``perturbed`` says, per argument leaf, whether a gradient is asked for, so
+  gradients that nobody asked for are never computed (the model's VJP closes over what is
+  not perturbed), and a strategy that cannot compute one raises instead of returning a zero;
 - ``bwd(problem, residuals, x0_bar, traj_bar)``: the cotangents of the arguments (an
-  :class:`~jadeis._core.Args`; ``None`` for a zero);
+  :class:`~jadeis._core.Args`; ``None`` for a zero), walking back over the accepted steps
+  (``sweep``), whatever the step-size controller;
 - ``residuals_from(problem, args, trajectory, x_0)``: the same residuals from a forward
-  pass run elsewhere, which is all :func:`jadeis.solve_adjoint` needs.
+  pass run elsewhere, which is all :func:`jadeis.solve_adjoint` needs;
+- ``cost(problem, num_steps)``: the model evaluations and VJPs of its backward pass.
 
 A new strategy is one subclass in one file.
 """
@@ -19,31 +21,46 @@ from __future__ import annotations
 
 import abc
 import functools
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._core import Args, Problem, forward, with_final
+from .._core import Args, Problem
+from .._loop import Grid, LoopResult, Stats, integrate, trajectory
+
+
+class Out(NamedTuple):
+    """What a run returns: ``x_0``, the trajectory (or None), the accepted times, stats."""
+
+    x_0: Any
+    trajectory: Any
+    ts: Any
+    stats: Stats
 
 
 class AbstractAdjoint(eqx.Module):
     """Base class of the gradient strategies passed as ``sample(..., adjoint=...)``."""
 
     def check(self, problem: Problem, num_steps: int) -> None:
-        """Static validation against the sampler and grid (raises ``ValueError``)."""
+        """Static validation against the sampler, controller and grid (``ValueError``)."""
 
-    def run(self, problem: Problem, args: Args):
-        """Sample; returns ``(x_0, trajectory or None)`` with this strategy's gradient."""
-        return _run(problem, args)
+    def run(self, problem: Problem, args: Args) -> Out:
+        """Sample with this strategy's gradient."""
+        return _run(self, problem, args)
 
     @abc.abstractmethod
     def fwd(self, problem: Problem, args: Args, perturbed: Args):
-        """``((x_0, trajectory or None), residuals)``."""
+        """``(Out, residuals)``."""
 
     @abc.abstractmethod
     def bwd(self, problem: Problem, residuals, x0_bar, traj_bar) -> Args:
         """Cotangents of ``args`` (entries may be ``None`` for zero)."""
+
+    def cost(self, problem: Problem, stats: Stats) -> tuple[Any, Any]:
+        """``(model evaluations, VJPs)`` of the backward pass of a run with these stats."""
+        return 0 * stats.num_steps, stats.num_steps * problem.solver.evals_per_step
 
     def check_solve(self, has_trajectory: bool) -> None:
         """Eager checks of :func:`jadeis.solve_adjoint`'s inputs for this strategy."""
@@ -61,10 +78,23 @@ class AbstractAdjoint(eqx.Module):
         return self.bwd(problem, res, grad_x0, None)
 
 
-def plain_forward(problem: Problem, args: Args):
-    """``(x_0, trajectory or None)`` without any custom gradient."""
-    x_0, saved, _ = forward(problem, args, save="x" if problem.return_trajectory else None)
-    return x_0, (with_final(saved, x_0) if problem.return_trajectory else None)
+def finish(adjoint: AbstractAdjoint, problem: Problem, res: LoopResult, xs=None) -> Out:
+    """The run's :class:`Out` from the loop's result; ``xs``: the samples at the start of
+    every step, if saved (for the trajectory)."""
+    traj = trajectory(xs, res.x_0, res.grid) if problem.save_trajectory else None
+    evals, vjps = adjoint.cost(problem, res.stats)
+    stats = res.stats._replace(
+        grad_model_evals=jnp.asarray(evals, jnp.int32), grad_vjps=jnp.asarray(vjps, jnp.int32)
+    )
+    return Out(res.x_0, traj, res.grid.ts, stats)
+
+
+def plain_forward(
+    adjoint: AbstractAdjoint, problem: Problem, args: Args, *, bounded: bool = False
+) -> Out:
+    """The run without any custom gradient."""
+    res = integrate(problem, args, save="x" if problem.save_trajectory else None, bounded=bounded)
+    return finish(adjoint, problem, res, res.saved)
 
 
 def _is_primal(v):
@@ -76,21 +106,64 @@ def any_perturbed(tree) -> bool:
     return any(jax.tree.leaves(tree))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _run(problem: Problem, args: Args):
-    return plain_forward(problem, args)
+class Wanted(NamedTuple):
+    """Which cotangents a backward pass must compute."""
+
+    params: bool
+    z: bool
+    x_T: bool
+    noise: bool
+    grid: bool
+
+    @classmethod
+    def of(cls, perturbed: Args) -> Wanted:
+        return cls(
+            params=any_perturbed(perturbed.params),
+            z=any_perturbed(perturbed.z),
+            x_T=any_perturbed(perturbed.x_T),
+            noise=any_perturbed(perturbed.noise),
+            grid=any_perturbed((perturbed.schedule, perturbed.ts)),
+        )
+
+    @classmethod
+    def everything(cls) -> Wanted:
+        return cls(True, True, True, True, False)
 
 
-def _run_fwd(problem, args):
+def partial_vjp(fn, primals: tuple, wanted: tuple):
+    """``(output, vjp)`` of ``fn(*primals)`` with respect to the primals whose ``wanted``
+    flag is set only; the others are closed over (no VJP is built for them, e.g. for the
+    parameters when only ``x_T`` is differentiated). ``vjp(ct)`` returns a tuple with
+    ``None`` in the places not wanted."""
+    idx = [i for i, w in enumerate(wanted) if w]
+
+    def f(*diff):
+        full = list(primals)
+        for i, d in zip(idx, diff):
+            full[i] = d
+        return fn(*full)
+
+    out, vjp = jax.vjp(f, *[primals[i] for i in idx])
+
+    def back(ct):
+        bars = vjp(ct)
+        full = [None] * len(primals)
+        for i, b in zip(idx, bars):
+            full[i] = b
+        return tuple(full)
+
+    return out, back
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _run(adjoint: AbstractAdjoint, problem: Problem, args: Args):
+    return plain_forward(adjoint, problem, args)
+
+
+def _run_fwd(adjoint, problem, args):
     values = jax.tree.map(lambda p: p.value, args, is_leaf=_is_primal)
     perturbed = jax.tree.map(lambda p: p.perturbed, args, is_leaf=_is_primal)
-    return problem.adjoint.fwd(problem, Args(*values), Args(*perturbed))
-
-
-def _materialise(ct, like):
-    if ct is None or isinstance(ct, jax.custom_derivatives.SymbolicZero):
-        return None if like is None else jnp.zeros(like.shape, like.dtype)
-    return ct
+    return adjoint.fwd(problem, Args(*values), Args(*perturbed))
 
 
 def _is_zero(v):
@@ -101,8 +174,13 @@ def _zeros_for(v):
     return jnp.zeros(v.shape, v.dtype) if _is_zero(v) else v
 
 
-def _run_bwd(problem, res, ct):
-    x0_ct, traj_ct = ct
+def _run_bwd(adjoint, problem, res, ct):
+    x0_ct, traj_ct, ts_ct, _ = ct
+    if not all(_is_zero(v) for v in jax.tree.leaves(ts_ct, is_leaf=_is_zero)):
+        raise ValueError(
+            "The accepted times of a run (Solution.ts) are chosen by the step-size controller "
+            "and are not differentiable; stop their gradient with jax.lax.stop_gradient."
+        )
     if _is_zero(x0_ct):
         x0_ct = jnp.zeros(x0_ct.shape, x0_ct.dtype)
     elif not isinstance(x0_ct, jax.Array):  # a pytree state: per-leaf symbolic zeros
@@ -115,7 +193,7 @@ def _run_bwd(problem, res, ct):
             traj_ct = None
         else:
             traj_ct = jax.tree.map(_zeros_for, traj_ct, is_leaf=_is_zero)
-    return (problem.adjoint.bwd(problem, res, x0_ct, traj_ct),)
+    return (adjoint.bwd(problem, res, x0_ct, traj_ct),)
 
 
 _run.defvjp(_run_fwd, _run_bwd, symbolic_zeros=True)
@@ -123,6 +201,18 @@ _run.defvjp(_run_fwd, _run_bwd, symbolic_zeros=True)
 
 def grid_error(strategy: str, fix: str) -> ValueError:
     return ValueError(
-        f"{strategy} cannot differentiate with respect to ts or the schedule's parameters. "
-        f"{fix}"
+        f"{strategy} cannot differentiate with respect to ts or the schedule's parameters. {fix}"
     )
+
+
+def adaptive_grid_error(problem: Problem) -> ValueError:
+    return ValueError(
+        f"With the adaptive controller {type(problem.controller).__name__}, the time grid is "
+        f"chosen by the controller and is not differentiated, so gradients with respect to ts "
+        f"or the schedule's parameters are not available; differentiate with a fixed grid "
+        f"(ts of N + 1 times, controller=jadeis.FixedGrid()) instead, or stop the gradient "
+        f"with jax.lax.stop_gradient(ts)."
+    )
+
+
+__all__ = ["AbstractAdjoint", "Grid", "Out", "Wanted", "partial_vjp"]

@@ -2,31 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from .._conditioning import z_at
-from .._core import Args, Problem, forward, state_dtype, with_final
-from .._grid import time_grid
-from .._phi import add_warmup_correction, multistep_weights
-from .._solver.base import (
-    check_int,
-    corrects_warmup,
-    effective_orders,
+from .._controller import FixedGrid
+from .._core import Args, Problem, state_dtype
+from .._ei import (
+    add_warmup_correction,
+    cast,
     lambda_history,
     model_time_dtype,
+    multistep_weights,
     resolve_warmup,
+    step_orders,
 )
+from .._grid import time_grid
+from .._loop import Grid, integrate, is_adaptive, loop_rows, split_trajectory_bar
+from .._solver.base import AbstractLinearMultistepSolver, check_choice, check_int
 from .._solver.dpm_solver import DPMSolver
 from . import _tree
-from .base import AbstractAdjoint, any_perturbed, grid_error
+from .base import AbstractAdjoint, Wanted, adaptive_grid_error, finish, grid_error
 
 _TRAJECTORY_MODES = ("cached", "reconstruct")
-
-
-def _cast(v, dtype):
-    return jnp.asarray(v).astype(dtype)
 
 
 class AdjointDEIS(AbstractAdjoint):
@@ -37,8 +39,9 @@ class AdjointDEIS(AbstractAdjoint):
 
     - `order`: 1, 2 or 3. Order 1 is AdjointDEIS-1; 2 and 3 are the multistep forms
       (2M, 3M) that reuse the previous steps' vector-Jacobian products.
-    - `steps`: number M of adjoint steps; ``None`` uses the sampling grid (M = N).
-      Otherwise the adjoint grid is uniform in log-SNR between ``ts[-1]`` and ``ts[0]``.
+    - `steps`: number M of adjoint steps; ``None`` uses the sampling grid (M = N; under an
+      adaptive controller, its accepted grid). Otherwise the adjoint grid is uniform in
+      log-SNR between ``ts[-1]`` and ``ts[0]``.
     - `trajectory`: where the states come from. ``"cached"`` keeps the forward states
       (memory N x |x|, no activations; with M != N they are re-solved on the adjoint grid
       with the same sampler in the backward pass). ``"reconstruct"`` re-solves the
@@ -80,18 +83,13 @@ class AdjointDEIS(AbstractAdjoint):
         resolve_warmup("AdjointDEIS", self.warmup, self.order)
         if self.steps is not None:
             check_int("AdjointDEIS", "steps", self.steps, 1)
-        if self.trajectory not in _TRAJECTORY_MODES:
-            raise ValueError(
-                f"AdjointDEIS: trajectory must be 'cached' or 'reconstruct', got "
-                f"trajectory={self.trajectory!r}."
-            )
+        check_choice("AdjointDEIS", "trajectory", self.trajectory, _TRAJECTORY_MODES)
 
     def num_steps(self, n: int) -> int:
         return n if self.steps is None else int(self.steps)
 
     def check(self, problem: Problem, num_steps: int):
         solver = problem.solver
-        return_trajectory = problem.return_trajectory
         if solver.stochastic:
             if self.trajectory == "reconstruct":
                 raise ValueError(
@@ -99,48 +97,75 @@ class AdjointDEIS(AbstractAdjoint):
                     f"{type(solver).__name__}: the sampled path cannot be re-solved backwards. "
                     f"Use trajectory='cached' or DiscreteAdjoint()."
                 )
-            if self.num_steps(num_steps) != num_steps:
+            if self.steps is not None and int(self.steps) != num_steps:
                 raise ValueError(
                     f"AdjointDEIS(steps={self.steps}) with the SDE sampler "
                     f"{type(solver).__name__}: the SDE adjoint runs along the sampled path, "
                     f"so steps must be None (or {num_steps}, the sampling grid)."
                 )
-        if return_trajectory and self.num_steps(num_steps) != num_steps:
+        if (
+            problem.save_trajectory
+            and self.steps is not None
+            and (is_adaptive(problem) or int(self.steps) != num_steps)
+        ):
             raise ValueError(
-                f"AdjointDEIS(steps={self.steps}) with return_trajectory=True: gradients of "
-                f"intermediate states need the adjoint on the sampling grid; use steps=None."
+                f"AdjointDEIS(steps={self.steps}) with a trajectory (sample_trajectory, "
+                f"return_trajectory=True or save_trajectory=True): gradients of intermediate "
+                f"states need the adjoint on the sampling grid; use steps=None."
             )
 
+    def cost(self, problem, stats):
+        m = stats.num_steps if self.steps is None else self.steps
+        evals = 0 * stats.num_steps
+        if self.trajectory == "cached" and self.steps is not None:
+            evals = evals + self.steps * problem.solver.evals_per_step  # the re-solve
+        return evals, m + 0 * stats.num_steps
+
     def fwd(self, problem, args, perturbed):
-        if any_perturbed((perturbed.schedule, perturbed.ts)):
+        want = Wanted.of(perturbed)
+        if want.grid:
+            if is_adaptive(problem):
+                raise adaptive_grid_error(problem)
             raise grid_error(
                 "AdjointDEIS",
                 "Its closed-form steps solve the continuous adjoint for fixed times. Use "
                 "adjoint=jadeis.DiscreteAdjoint() (exact) or jadeis.Backprop(), or stop the "
                 "gradient with jax.lax.stop_gradient(ts).",
             )
+        if want.noise and problem.noise_mode == "array":
+            _check_noise_gradient(problem)
+            if problem.first_step:
+                raise ValueError(
+                    "AdjointDEIS under Truncated gives no gradient with respect to the noise= "
+                    "array; use Truncated(k, jadeis.DiscreteAdjoint())."
+                )
         cached = self.trajectory == "cached"
-        # the residual is the scan's buffer of the N states before x_0 (no appended copy)
-        save = "x" if (cached or problem.return_trajectory) else None
-        x_0, head, _ = forward(problem, args, save=save)
-        traj = with_final(head, x_0) if problem.return_trajectory else None
-        return (x_0, traj), (args, head if cached else None, x_0)
+        # the residual is the loop's buffer of the states before x_0 (no appended copy)
+        save = "x" if (cached or problem.save_trajectory) else None
+        res = integrate(problem, args, save=save)
+        residuals = (args, res.saved if cached else None, res.x_0, res.grid, want)
+        return finish(self, problem, res, res.saved), residuals
 
     def residuals_from(self, problem, args, trajectory, x_0):
+        n = args.ts.shape[0] - 1
+        grid = Grid(args.ts, n, None)
+        want = Wanted.everything()
         if trajectory is not None:
-            return args._replace(x_T=jax.tree.map(lambda v: v[0], trajectory)), trajectory, None
+            args = args._replace(x_T=jax.tree.map(lambda v: v[0], trajectory))
+            states = jax.tree.map(lambda v: v[:-1], trajectory)
+            return args, states, jax.tree.map(lambda v: v[-1], trajectory), grid, want
         if problem.solver.stochastic:
             raise ValueError(
                 "solve_adjoint: the SDE adjoint runs along the sampled path: pass "
                 "trajectory=, not x_0= (the path cannot be reconstructed)."
             )
-        return args, None, x_0
+        return args, None, x_0, grid, want
 
     def bwd(self, problem, residuals, x0_bar, traj_bar):
-        args, states, x_0 = residuals
-        need_path = problem.noise_mode == "array"
+        args, states, x_0, grid, want = residuals
+        need_path = problem.noise_mode == "array" and want.noise
         xT_bar, pbar, zbar, ax_path = deis_backward(
-            problem, self, args, states, x_0, x0_bar, traj_bar, need_ax_path=need_path
+            problem, self, args, grid, states, x_0, x0_bar, traj_bar, want, need_path
         )
         noise_bar = None
         if need_path:
@@ -152,113 +177,168 @@ class AdjointDEIS(AbstractAdjoint):
                 return bar.astype(noise.dtype)
 
             noise_bar = jax.tree.map(leaf_bar, ax_path, args.noise)
-        return Args(pbar, xT_bar, zbar, None, None, noise_bar)
+        return Args(
+            pbar if want.params else None,
+            xT_bar if want.x_T else None,
+            zbar if want.z else None,
+            None,
+            None,
+            noise_bar,
+        )
+
+
+def _check_noise_gradient(problem: Problem):
+    if not isinstance(problem.solver, AbstractLinearMultistepSolver):
+        raise ValueError(
+            f"AdjointDEIS gives gradients with respect to the noise= array for the linear "
+            f"multistep SDE samplers only (their step adds c_i xi_i to the sample); "
+            f"{type(problem.solver).__name__} draws its noise differently. Use "
+            f"adjoint=jadeis.DiscreteAdjoint() (or ReversibleAdjoint() for a reversible "
+            f"solver)."
+        )
 
 
 # --------------------------------------------------------------------------------------
-# AdjointDEIS
+# the backward solve
+
+
+class _Rows(NamedTuple):
+    """Per adjoint step j (from the adjoint grid point j to j + 1, ascending in time)."""
+
+    s: Any  # the model's time at point j
+    w: Any  # (k,) multistep weights
+    decay: Any  # alpha_s / alpha_t: the a_x decay
+    cx: Any  # sigma_t / alpha_t^2: scale of the x-integral
+    fxs: Any  # kappa alpha_s^2: F_x = kappa alpha_s^2 a^T eps_x
+    cj: Any  # (k,) weights of this step's z/params VJP at steps j, j + 1, ...
+    cidx: Any  # (k,) ... and the sampling intervals they belong to (per-step z)
+    recon: Any  # the reconstruction solver's inputs on the ascending grid
+    idx: Any  # the sampling interval holding point j (per-step z)
+
+
+def _adjoint_grid(args: Args, grid: Grid, m: int | None, dtype):
+    """The ascending adjoint grid ``u`` (length K + 1) and its number of steps."""
+    schedule, ts = args.schedule, args.ts
+    if m is None:
+        if grid.fixed:
+            return grid.ts[::-1], grid.count
+        # an adaptive run: its accepted times, reversed; beyond them, zero-length steps
+        k = grid.ts.shape[0] - 1
+        j = jnp.arange(k + 1, dtype=jnp.int32)
+        src = jnp.where(j <= grid.count, grid.count - j, 0)
+        return grid.ts[src], grid.count
+    u = time_grid(schedule, m, "logsnr", t_start=ts[0], t_end=ts[-1], dtype=ts.dtype)[::-1]
+    return u, m
 
 
 def deis_backward(
     problem: Problem,
     adjoint: AdjointDEIS,
     args: Args,
+    grid: Grid,
     states,
     x_0,
     x0_bar,
     traj_bar,
+    want: Wanted,
     need_ax_path: bool = False,
 ):
     """Solve the continuous adjoint equations from ts[-1] back to ts[0].
 
-    ``states`` (the states at ``ts``: at least the first N; the final one is ``x_0`` when
-    given, else ``states[N]``) for cached mode, or None to reconstruct from ``x_0``.
-    In cached mode with M != N the forward states are re-solved on the adjoint grid with
-    the problem's solver. In reconstruct mode the states come from the multistep
-    DPM-Solver's own step on the ascending adjoint grid, fed with the noise prediction
-    of the adjoint's VJP (one model evaluation per step). Returns
+    ``states`` (the states at the start of every step of the run) for cached mode, or None
+    to reconstruct from ``x_0``. In cached mode with M != N the forward states are re-solved
+    on the adjoint grid with the problem's solver. In reconstruct mode the states come from
+    the multistep DPM-Solver's own step on the ascending adjoint grid, fed with the noise
+    prediction of the adjoint's VJP (one model evaluation per step). Returns
     ``(x_T, params, z, a_x at the sampling grid points or None)``.
     """
     eps_fn = problem.eps_fn
+    model_params = problem.params
     sde = problem.solver.stochastic
     per_step = problem.per_step_z
     params, x_T, z, schedule, ts, _ = args
-    n = ts.shape[0] - 1
-    m = adjoint.num_steps(n)
     k = adjoint.order
     dtype = state_dtype(x0_bar)
     tm = jax.tree.map
     reconstruct = states is None
-    if m == n:
-        u = ts[::-1]
-    else:
-        u = time_grid(schedule, m, "logsnr", t_start=ts[0], t_end=ts[-1], dtype=ts.dtype)[::-1]
-    # The cached states (at the descending times u[::-1]) are read inside the scan by index:
+    on_x0, tb = split_trajectory_bar(traj_bar, grid)
+    u, m = _adjoint_grid(args, grid, adjoint.steps, dtype)
+    # The cached states (at the descending times u[::-1]) are read inside the loop by index:
     # a reversed or concatenated copy would hold a second M x |x| buffer.
     cached_x = x_final = None
     if not reconstruct:
-        if m == n:
-            cached_x = states
-            x_final = x_0 if x_0 is not None else tm(lambda v: v[n], states)
+        if adjoint.steps is None:
+            cached_x, x_final = states, x_0
         else:
-            x_final, cached_x, _ = forward(problem, args._replace(ts=u[::-1]), save="x")
-    back = jnp.arange(m, 0, -1)  # adjoint step j starts from the state/grid point m - j
+            fixed = problem._replace(controller=FixedGrid())
+            res = integrate(fixed, args._replace(ts=u[::-1]), save="x")
+            cached_x, x_final = res.saved, res.x_0
+    n_rows = u.shape[0] - 1
     lam = schedule.log_snr(u)
     lam_s, lam_t, lam_1, lam_2 = lambda_history(lam)
-    orders_np = effective_orders(k, m, lower_order_final=False)
-    w = multistep_weights(lam_t, lam_s, lam_1, lam_2, -1.0, orders_np)
+    index = np.arange(n_rows)
+    orders = step_orders(k, index, n_rows, lower_order_final=False)
+    w = multistep_weights(lam_t, lam_s, lam_1, lam_2, -1.0, orders)
     corrected = resolve_warmup("AdjointDEIS", adjoint.warmup, k)
-    if corrects_warmup(corrected, orders_np):
+    if corrected:
         # the second step corrects the first-order first step (docs/math/adjoint.md); the
         # a_x update and the z/params quadratures share these weights
-        w = add_warmup_correction(w, lam, -1.0)
+        w = add_warmup_correction(w, index, orders, lam_t, lam_s, lam_1, -1.0)
     alpha = schedule.alpha(u)
     sigma = schedule.sigma(u)
     a_s, a_t, s_t = alpha[:-1], alpha[1:], sigma[1:]
     kappa = 2.0 if sde else 1.0
     # interval of the sampling grid holding each adjoint point (for per-step z)
-    idx = jnp.clip(jnp.sum(ts[None, 1:] > u[:-1, None], axis=1), 0, n - 1)
+    n_sample = ts.shape[0] - 1
+    idx = jnp.clip(jnp.sum(ts[None, 1:] > u[:-1, None], axis=1), 0, n_sample - 1)
     # The z/params integrals are linear in the per-step VJPs F_j = kappa alpha_j a^T eps_p:
     # step j adds (sigma_t/alpha_t) sum_q w[j, q] F_{j-q}, so F_i enters with the scalar
     # coef[i, q] = kappa alpha_i (sigma_t/alpha_t)_{i+q} w[i+q, q] at step i + q. Applying
     # these scalars as soon as F_i is computed gives the same sums without keeping k - 1
-    # params-sized VJPs in the scan carry (memory and work independent of the order).
+    # params-sized VJPs in the loop carry (memory and work independent of the order).
     cz_all = s_t / a_t
     coef = (
         jnp.stack(
-            # (a grid of m < k steps: the missing terms are zero; pad to length m)
+            # (a grid of fewer than k steps: the missing terms are zero; pad to its length)
             [
-                jnp.concatenate([cz_all[q:] * w[q:, q], jnp.zeros((min(q, m),), w.dtype)])
+                jnp.concatenate([cz_all[q:] * w[q:, q], jnp.zeros((min(q, n_rows),), w.dtype)])
                 for q in range(k)
             ],
             axis=1,
         )
         * (kappa * a_s)[:, None]
     )
+    if not isinstance(m, int):
+        # an adaptive run: the rows beyond the accepted steps (zero-length, never run) are
+        # not part of any sum
+        rows_q = jnp.arange(n_rows, dtype=jnp.int32)[:, None] + jnp.arange(k, dtype=jnp.int32)
+        coef = jnp.where(rows_q < m, coef, 0.0 * coef)
     coef_idx = jnp.stack(
-        [jnp.concatenate([idx[q:], jnp.full((min(q, m),), idx[-1], idx.dtype)]) for q in range(k)],
+        [
+            jnp.concatenate([idx[q:], jnp.full((min(q, n_rows),), idx[-1], idx.dtype)])
+            for q in range(k)
+        ],
         axis=1,
     )
     recon_solver = DPMSolver(
         order=k, lower_order_final=False, warmup="corrected" if corrected else "lower_order"
     )
-    recon_inputs = recon_solver.inputs(schedule, u, dtype) if reconstruct else None
-    inputs = (
-        u[:-1].astype(model_time_dtype(dtype)),
-        _cast(w, dtype),
-        _cast(a_s / a_t, dtype),  # a_x decay
-        _cast(s_t / a_t**2, dtype),  # scale of the x-integral
-        _cast(kappa * a_s**2, dtype),  # F_x = kappa alpha_s^2 a^T eps_x
-        _cast(coef, dtype),  # weights of this step's z/params VJP at steps j, j+1, ...
-        coef_idx,  # ... which belong to these sampling intervals (per-step z)
-        recon_inputs,  # reconstruction: the DPM-Solver step on the ascending grid u
-        idx,
-        back,
+    recon_rows = recon_solver.inputs(schedule, u, dtype) if reconstruct else None
+    rows = _Rows(
+        s=cast(u[:-1], model_time_dtype(dtype)),
+        w=cast(w[:, :k], dtype),
+        decay=cast(a_s / a_t, dtype),
+        cx=cast(s_t / a_t**2, dtype),
+        fxs=cast(kappa * a_s**2, dtype),
+        cj=cast(coef, dtype),
+        cidx=coef_idx,
+        recon=recon_rows,
+        idx=idx,
     )
 
-    def body(carry, inp):
+    def body(carry, j, r):
         ax, state, fx_hist, pbar, zbar = carry
-        s, wj, decay, cx, fxs, cj, cidx, rinp, i, b = inp
+        b = m - j  # adjoint step j starts from the state at sampling point m - j
         if reconstruct:
             x_here = state[0]
         else:
@@ -269,45 +349,70 @@ def deis_backward(
                 cached_x,
                 x_final,
             )
-        if traj_bar is not None:
-            ax = tm(lambda a, tb: a + lax.dynamic_index_in_dim(tb, b, keepdims=False), ax, traj_bar)
-        z_j = z_at(z, i, per_step)
-        eps, vjp = jax.vjp(  # the model's output in the state's dtype (mixed precision)
-            lambda xx, p, zz: tm(lambda e, v: e.astype(v.dtype), eps_fn(p, xx, s, zz), xx),
-            x_here,
-            params,
-            z_j,
-        )
-        gx, gp, gz = vjp(ax)
-        fx = tm(lambda g: fxs * g, gx)
-        ws = [wj[q] for q in range(k)]
-        new_ax = tm(lambda a, c: decay * a + cx * c, ax, _tree.combine(ws, (fx,) + fx_hist))
-        total = jnp.sum(cj)
-        pbar = _tree.add(pbar, _tree.scale(total, gp))
-        if per_step:
-            for q in range(k):
-                zbar = jax.tree.map(
-                    lambda acc, g, q=q: acc if _tree.is_float0(acc)
-                    else acc.at[cidx[q]].add(cj[q].astype(g.dtype) * g),
-                    zbar,
-                    gz,
-                )
-        else:
-            zbar = _tree.add(zbar, _tree.scale(total, gz))
+        if tb is not None:
+            ax = tm(
+                lambda a, t, e: (
+                    a
+                    + jnp.where(
+                        b == m,
+                        e,
+                        lax.dynamic_index_in_dim(t, jnp.minimum(b, m - 1), keepdims=False),
+                    )
+                ),
+                ax,
+                tb,
+                on_x0,
+            )
+        z_j = z_at(z, r.idx, per_step)
+        primals = [x_here] + ([params] if want.params else []) + ([z_j] if want.z else [])
+
+        def eps_of(xx, *diff):
+            p = diff[0] if want.params else params
+            zz = diff[-1] if want.z else z_j
+            out = eps_fn(model_params(p), xx, r.s, zz)
+            # the model's output in the state's dtype (mixed precision)
+            return tm(lambda e, v: e.astype(v.dtype), out, xx)
+
+        eps, vjp = jax.vjp(eps_of, *primals)
+        bars = vjp(ax)
+        gx = bars[0]
+        gp = bars[1] if want.params else None
+        gz = bars[-1] if want.z else None
+        fx = tm(lambda g: r.fxs * g, gx)
+        ws = [r.w[q] for q in range(k)]
+        new_ax = tm(lambda a, c: r.decay * a + r.cx * c, ax, _tree.combine(ws, (fx,) + fx_hist))
+        total = jnp.sum(r.cj)
+        if want.params:
+            pbar = _tree.add(pbar, _tree.scale(total, gp))
+        if want.z:
+            if per_step:
+                for q in range(k):
+                    zbar = jax.tree.map(
+                        lambda acc, g, q=q: (
+                            acc
+                            if _tree.is_float0(acc)
+                            else acc.at[r.cidx[q]].add(r.cj[q].astype(g.dtype) * g)
+                        ),
+                        zbar,
+                        gz,
+                    )
+            else:
+                zbar = _tree.add(zbar, _tree.scale(total, gz))
         if reconstruct:
-            state = recon_solver.step(lambda x, t: eps, rinp, state, None)
+            state, _ = recon_solver.step(lambda x, t: eps, r.recon, state, None)
         carry = (new_ax, state, ((fx,) + fx_hist)[: k - 1], pbar, zbar)
         return carry, (ax if need_ax_path else None)
 
     state0 = recon_solver.init(x_0) if reconstruct else None
+    ax0 = x0_bar
     zeros_x = tm(jnp.zeros_like, x0_bar)
     fx_hist0 = tuple(zeros_x for _ in range(k - 1))
-    zbar0 = _tree.zeros_like(z.values if per_step else z)
-    pbar0 = _tree.zeros_like(params)
-    carry0 = (x0_bar, state0, fx_hist0, pbar0, zbar0)
-    (ax, _, _, pbar, zbar), ax_path = lax.scan(body, carry0, inputs)
-    if traj_bar is not None:
-        ax = tm(lambda a, tb: a + tb[0], ax, traj_bar)
-    if per_step:
+    zbar0 = (_tree.zeros_like(z.values if per_step else z)) if want.z else None
+    pbar0 = _tree.zeros_like(params) if want.params else None
+    carry0 = (ax0, state0, fx_hist0, pbar0, zbar0)
+    (ax, _, _, pbar, zbar), ax_path = loop_rows(body, carry0, rows, m)
+    if tb is not None:
+        ax = tm(lambda a, t: a + t[0], ax, tb)
+    if per_step and want.z:
         zbar = type(z)(zbar)
     return ax, pbar, zbar, ax_path

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from .. import _validate as V
 from .._adjoint import AbstractAdjoint, DiscreteAdjoint
-from .._sample import sample
+from .._controller import AbstractController
+from .._sample import resolve_solver, sample
 from .._schedule import AbstractSchedule
 from .._solver import AbstractSolver, DPMSolverPP
 from ._losses import AbstractLoss, as_loss
@@ -120,6 +121,7 @@ class Guidance(eqx.Module):
     adjoint: AbstractAdjoint = DiscreteAdjoint()
     sde_noise: str = "frozen"
     projection: Any = None
+    controller: AbstractController | None = None
 
     def __init__(
         self,
@@ -134,6 +136,7 @@ class Guidance(eqx.Module):
         adjoint: AbstractAdjoint = DiscreteAdjoint(),
         sde_noise: str = "frozen",
         projection=None,
+        controller: AbstractController | None = None,
     ):
         where = "guide"
         wrt = (wrt,) if isinstance(wrt, str) else tuple(wrt)
@@ -166,7 +169,7 @@ class Guidance(eqx.Module):
                     f"or a dict such as {{'x_T': jadeis.sphere_projection}}, got "
                     f"{projection!r:.80}."
                 )
-        V.check_solver(solver, where)
+        solver, controller = resolve_solver(solver, controller, where)
         V.check_adjoint(adjoint, where)
         self.loss_fn = as_loss(loss_fn, where)
         self.eps_fn = eps_fn
@@ -178,6 +181,7 @@ class Guidance(eqx.Module):
         self.adjoint = adjoint
         self.sde_noise = sde_noise
         self.projection = projection
+        self.controller = controller
 
     # -- optax-style pair ------------------------------------------------------------------
 
@@ -266,6 +270,7 @@ def _loss_and_sample(g: Guidance, opt_vars, fixed, iteration, key, noise, loss_a
         schedule=g.schedule,
         ts=g.ts,
         solver=g.solver,
+        controller=g.controller,
         adjoint=g.adjoint,
         key=_key_of(g, key, iteration),
         noise=noise,
@@ -348,6 +353,7 @@ def guide(
     num_iters: int = 20,
     wrt: Sequence[str] = ("x_T", "z"),
     solver: AbstractSolver = DPMSolverPP(order=2),
+    controller: AbstractController | None = None,
     adjoint: AbstractAdjoint = DiscreteAdjoint(),
     key=None,
     noise=None,
@@ -378,8 +384,9 @@ def guide(
       values), for priors on the noise; :class:`jadeis.NormPrior`, :class:`jadeis.ChiPrior`
       are built in; losses add and scale: ``fit + 0.1 * jadeis.ChiPrior()``. It must return
       one real floating-point array (a tuple or complex value is a ``ValueError``).
-    - `eps_fn`, `params`, `x_T`, `z`, `schedule`, `ts`, `solver`, `adjoint`, `key`, `noise`:
-      as in :func:`jadeis.sample`.
+    - `eps_fn`, `params`, `x_T`, `z`, `schedule`, `ts`, `solver`, `controller`, `adjoint`,
+      `key`, `noise`: as in :func:`jadeis.sample` (an adaptive controller chooses the grid
+      anew at every iteration; the gradient is that of the accepted steps).
     - `sde_noise`: for SDE samplers, ``"frozen"`` (default: the same ``key``/``noise`` at
       every iteration) or ``"fresh"`` (iteration k uses ``fold_in(key, k)``; needs ``key``).
     - `optimizer`: any ``optax.GradientTransformation``.
@@ -442,6 +449,7 @@ def guide(
         adjoint=adjoint,
         sde_noise=sde_noise,
         projection=projection,
+        controller=controller,
     )
     loss_args = tuple(loss_args)
     state = g.init(params, x_T, z, key=key, noise=noise, loss_args=loss_args)

@@ -1,7 +1,9 @@
-from .adaptive import Adaptive as Adaptive
 from .base import (
+    AbstractAdaptiveSolver as AbstractAdaptiveSolver,
     AbstractDataSolver as AbstractDataSolver,
+    AbstractLinearMultistepSolver as AbstractLinearMultistepSolver,
     AbstractNoiseSolver as AbstractNoiseSolver,
+    AbstractReversibleSolver as AbstractReversibleSolver,
     AbstractSolver as AbstractSolver,
     StepCoefficients as StepCoefficients,
 )

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from .base import AbstractNoiseSolver, resolve_warmup
+import equinox as eqx
+
+from .base import AbstractNoiseSolver, as_int, resolve_warmup
 
 
 class DPMSolver(AbstractNoiseSolver):
@@ -26,7 +28,7 @@ class DPMSolver(AbstractNoiseSolver):
     ```
     """
 
-    order: int = 2
+    order: int = eqx.field(default=2, converter=as_int)
     lower_order_final: bool = True
     warmup: str = "auto"
     stochastic: ClassVar[bool] = False

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from .base import AbstractDataSolver, resolve_warmup
+import equinox as eqx
+
+from .base import AbstractDataSolver, as_int, resolve_warmup
 
 _VARIANTS = ("exact", "midpoint")
 
@@ -42,7 +44,7 @@ class DPMSolverPP(AbstractDataSolver):
     ```
     """
 
-    order: int = 2
+    order: int = eqx.field(default=2, converter=as_int)
     lower_order_final: bool = True
     warmup: str = "auto"
     variant: str = "exact"

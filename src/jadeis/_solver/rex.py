@@ -28,7 +28,8 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from .base import AbstractSolver, model_time_dtype
+from .._ei import grid_values, model_time_dtype
+from .base import AbstractAdaptiveSolver, AbstractReversibleSolver, AbstractSolver, check_choice
 
 # Butcher tableaus: (c, A (strictly lower rows), b)
 _TABLEAUS = {
@@ -98,12 +99,6 @@ class RexLatent(eqx.Module):
         return self.x.ndim
 
 
-def _check_choice(owner, name, value, choices):
-    if value not in choices:
-        opts = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{owner}: {name} must be one of {opts}, got {name}={value!r}.")
-
-
 def _check_coupling(owner, coupling):
     ok = isinstance(coupling, (int, float)) and not isinstance(coupling, bool)
     if ok:
@@ -116,7 +111,7 @@ def _check_coupling(owner, coupling):
         )
 
 
-class AbstractRex(AbstractSolver):
+class AbstractRex(AbstractReversibleSolver):
     """Shared machinery of :class:`Rex` and :class:`SDERex`."""
 
     max_order: ClassVar[int] = 4
@@ -134,13 +129,13 @@ class AbstractRex(AbstractSolver):
         raise NotImplementedError
 
     # --- inputs ---------------------------------------------------------------------
-    def inputs(self, schedule, ts, dtype):
+    def inputs(self, schedule, ts, dtype, *, first_index=0, to_end=True, with_error=False):
         k = self._time_power()
-        lam = schedule.log_snr(ts)
+        values = grid_values(schedule, ts)
+        lam, la, ls = values.lam, values.log_alpha, values.log_sigma
         tau = jnp.exp(k * lam)
         tau0, tau1 = tau[:-1], tau[1:]
         h = tau1 - tau0
-        la, ls = schedule.log_alpha(ts), schedule.log_sigma(ts)
         L = self._lawson(la, ls)
         a_g, s_g = jnp.exp(la), jnp.exp(ls)
         mdt = model_time_dtype(dtype)
@@ -183,6 +178,13 @@ class AbstractRex(AbstractSolver):
             return (x_T.x, x_T.xh)
         return (x_T, x_T)
 
+    def latent(self, state, num_steps: int) -> RexLatent:
+        return RexLatent(state[0], state[1], num_steps, self)
+
+    @property
+    def evals_per_step(self) -> int:
+        return 2 * len(self._stage_c())
+
     def output(self, state):
         return state[0]
 
@@ -203,9 +205,14 @@ class AbstractRex(AbstractSolver):
         x, xh = state
         z = self.coupling
         y, yh = x / inp.L0, xh / inp.L0
-        y1 = z * y + (1.0 - z) * yh + self.psi(model, inp.fwd, inp.h, yh, xi, 1.0)
+        inc, err = self._increment(model, inp, yh, xi)
+        y1 = z * y + (1.0 - z) * yh + inc
         yh1 = yh - self.psi(model, inp.bwd, -inp.h, y1, xi, -1.0)
-        return (inp.L1 * y1, inp.L1 * yh1)
+        return (inp.L1 * y1, inp.L1 * yh1), (None if err is None else inp.L1 * err)
+
+    def _increment(self, model, inp: RexInputs, yh, xi):
+        """The forward increment Psi_h(tau_n, yh_n) and its error estimate (or None)."""
+        return self.psi(model, inp.fwd, inp.h, yh, xi, 1.0), None
 
     def inverse_step(self, model, inp: RexInputs, state_next, xi):
         """The state at ``ts[i]`` from the state at ``ts[i+1]``: the algebraic inverse of
@@ -224,7 +231,7 @@ class AbstractRex(AbstractSolver):
         return inp.L1 * (y + self.psi(model, inp.fwd, inp.h, y, xi, 1.0))
 
 
-class Rex(AbstractRex):
+class Rex(AbstractRex, AbstractAdaptiveSolver):
     r"""Reversible exponential solver for the probability-flow ODE (Rex, ODE form).
 
     An explicit Runge-Kutta scheme applied in the Lawson variables (data form: time
@@ -264,8 +271,8 @@ class Rex(AbstractRex):
 
     def __init__(self, scheme: str = "midpoint", prediction: str = "data",
                  coupling: float = DEFAULT_COUPLING):
-        _check_choice("Rex", "scheme", scheme, tuple(_TABLEAUS))
-        _check_choice("Rex", "prediction", prediction, ("data", "noise"))
+        check_choice("Rex", "scheme", scheme, tuple(_TABLEAUS))
+        check_choice("Rex", "prediction", prediction, ("data", "noise"))
         _check_coupling("Rex", coupling)
         self.scheme = scheme
         self.prediction = prediction
@@ -282,32 +289,24 @@ class Rex(AbstractRex):
         return jnp.exp(log_sigma if self.prediction == "data" else log_alpha)
 
     @property
-    def error_order(self) -> int:
-        """The order of the embedded error estimate's leading term (for :class:`jadeis.Adaptive`):
-        midpoint is paired with Euler (2), rk3 and rk4 with the midpoint rule through their
-        second stage (3). Euler has no embedded estimate."""
+    def error_order(self) -> int | None:
+        """The order of the embedded error estimate's leading term (adaptive steps): midpoint
+        is paired with Euler (2), rk3 and rk4 with the midpoint rule through their second
+        stage (3). Euler has no embedded estimate (``None``)."""
         if self.scheme == "euler":
-            raise ValueError(
-                "Rex(scheme='euler') has no embedded error estimate, so it cannot take adaptive "
-                "steps; use scheme='midpoint', 'rk3' or 'rk4' with jadeis.Adaptive."
-            )
+            return None
         return 2 if self.scheme == "midpoint" else 3
 
-    def step_with_error(self, model, inp: RexInputs, state, xi=None):
-        """``(state_next, error)``: :meth:`step` and the error estimate of its forward
-        increment, ``L_{n+1}`` times the difference between the base scheme and its embedded
+    def _increment(self, model, inp, yh, xi):
+        """The forward increment and its error estimate: the base scheme minus its embedded
         lower-order rule (Euler for midpoint, the midpoint rule for rk3/rk4), which share the
         stages."""
-        self.error_order  # noqa: B018 - raises for Euler
-        x, xh = state
-        z = self.coupling
-        y, yh = x / inp.L0, xh / inp.L0
         ks = self._stages(model, inp.fwd, inp.h, yh)
         inc = self._combine(inp.h, ks)
+        if self.scheme == "euler":
+            return inc, None
         low = inp.h * (ks[0] if self.scheme == "midpoint" else ks[1])
-        y1 = z * y + (1.0 - z) * yh + inc
-        yh1 = yh - self.psi(model, inp.bwd, -inp.h, y1, xi, -1.0)
-        return (inp.L1 * y1, inp.L1 * yh1), inp.L1 * (inc - low)
+        return inc, inc - low
 
     def _stages(self, model, stages, h, y):
         _, A, b = _TABLEAUS[self.scheme]
@@ -369,7 +368,7 @@ class SDERex(AbstractRex):
     prediction: ClassVar[str] = "data"
 
     def __init__(self, scheme: str = "shark", coupling: float = DEFAULT_COUPLING):
-        _check_choice("SDERex", "scheme", scheme, tuple(_SDE_STAGES))
+        check_choice("SDERex", "scheme", scheme, tuple(_SDE_STAGES))
         _check_coupling("SDERex", coupling)
         self.scheme = scheme
         self.coupling = float(coupling)

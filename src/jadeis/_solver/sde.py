@@ -2,7 +2,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from .base import AbstractDataSolver, AbstractNoiseSolver
+import equinox as eqx
+
+from .base import AbstractDataSolver, AbstractNoiseSolver, as_int
 
 
 class SDEDPMSolver(AbstractNoiseSolver):
@@ -23,7 +25,7 @@ class SDEDPMSolver(AbstractNoiseSolver):
     ```
     """
 
-    order: int = 1
+    order: int = eqx.field(default=1, converter=as_int)
     lower_order_final: bool = True
     stochastic: ClassVar[bool] = True
     drift_factor: ClassVar[float] = 2.0
@@ -48,7 +50,7 @@ class SDEDPMSolverPP(AbstractDataSolver):
     ```
     """
 
-    order: int = 1
+    order: int = eqx.field(default=1, converter=as_int)
     lower_order_final: bool = True
     kappa: ClassVar[float] = 2.0
     stochastic: ClassVar[bool] = True

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from typing import ClassVar, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from .._phi import phi
-from .base import AbstractSolver, model_time_dtype
+from .._ei import grid_values, model_time_dtype, phi
+from .base import AbstractAdaptiveSolver, as_int, check_choice
 
 _NODES = {1: (), 2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0)}
 
@@ -51,7 +52,7 @@ def _tm(f, *trees):
     return jax.tree.map(f, *trees)
 
 
-class SinglestepDPMSolver(AbstractSolver):
+class SinglestepDPMSolver(AbstractAdaptiveSolver):
     r"""Singlestep DPM-Solver of order 1, 2 or 3 (Lu et al. 2022), noise or data prediction.
 
     Each step evaluates the model ``order`` times (at ``s`` and at ``lambda_s + r_j h``,
@@ -81,28 +82,30 @@ class SinglestepDPMSolver(AbstractSolver):
     ```
     """
 
-    order: int = 3
+    order: int = eqx.field(default=3, converter=as_int)
     prediction: str = "data"
     stochastic: ClassVar[bool] = False
+    first_evaluation_at_state: ClassVar[bool] = True
 
     def __check_init__(self):
-        if self.prediction not in ("data", "noise"):
-            raise ValueError(
-                "SinglestepDPMSolver: prediction must be 'data' or 'noise', got "
-                f"prediction={self.prediction!r}."
-            )
+        check_choice("SinglestepDPMSolver", "prediction", self.prediction, ("data", "noise"))
 
     @property
-    def error_order(self) -> int:
+    def error_order(self) -> int | None:
         """The order of the local error estimate's leading term (``order``; the embedded
-        solution is one order lower, so the difference is O(h^order))."""
+        solution is one order lower, so the difference is O(h^order)); ``None`` for order 1,
+        which has no embedded solution."""
+        return self.order if self.order >= 2 else None
+
+    @property
+    def evals_per_step(self) -> int:
         return self.order
 
-    def inputs(self, schedule, ts, dtype):
+    def inputs(self, schedule, ts, dtype, *, first_index=0, to_end=True, with_error=False):
         k = self.order
         sign = 1.0 if self.prediction == "noise" else -1.0
-        lam = schedule.log_snr(ts)
-        la, ls = schedule.log_alpha(ts), schedule.log_sigma(ts)
+        values = grid_values(schedule, ts)
+        lam, la, ls = values.lam, values.log_alpha, values.log_sigma
         lam_s, la_s, ls_s = lam[:-1], la[:-1], ls[:-1]
         h = lam[1:] - lam_s
 
@@ -183,20 +186,18 @@ class SinglestepDPMSolver(AbstractSolver):
             )
         return ms
 
-    def step_with_error(self, model, inp: SinglestepInputs, state, xi=None):
-        """``(x_t, error)``: the step and its embedded error estimate (high minus low order)."""
+    def step(self, model, inp: SinglestepInputs, state, xi):
+        """``(x_t, error)``: the step and its embedded error estimate (high minus low order;
+        ``None`` for order 1)."""
         x = state
         ms = self._stages(model, inp, x)
         m0 = ms[0]
         base = _tm(lambda x, m: inp.lin * x + inp.A * m, x, m0)
         if self.order == 1:
-            return base, _tm(jnp.zeros_like, x)
+            return base, None
         hi = _tm(lambda ml, m: inp.B * (ml - m), ms[-1], m0)
         if self.order == 2:
             err = hi
         else:
             err = _tm(lambda e, m1, m: e - inp.B_low * (m1 - m), hi, ms[1], m0)
         return _tm(jnp.add, base, hi), err
-
-    def step(self, model, inp, state, xi):
-        return self.step_with_error(model, inp, state, xi)[0]

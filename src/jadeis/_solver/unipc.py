@@ -3,13 +3,14 @@ from __future__ import annotations
 import math
 from typing import ClassVar, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-from .._phi import _SERIES_TERMS, _SERIES_THRESHOLD, phi
-from .base import AbstractSolver, model_time_dtype
+from .._ei import grid_values, model_time_dtype, phi, shifted
+from .base import AbstractSolver, as_int, check_bool, check_choice
 
 _VARIANTS = ("bh2", "bh1")
 
@@ -32,22 +33,6 @@ class UniPCInputs(NamedTuple):
     cb: Array  # (order + 1,) corrector: weights of m_i (new point), m_{i-1}, ..., m_{i-order}
 
 
-def _phi4(z):
-    """phi_4(z) = sum_n z^n / (n + 4)!, with the series for small |z| (as ``_phi.phi``)."""
-    small = jnp.abs(z) < _SERIES_THRESHOLD
-    zs = jnp.where(small, z, jnp.zeros_like(z))
-    series = jnp.zeros_like(z)
-    for n in reversed(range(_SERIES_TERMS)):
-        series = series * zs + 1.0 / math.factorial(n + 4)
-    zl = jnp.where(small, jnp.ones_like(z), z)
-    closed = (jnp.expm1(zl) - zl - 0.5 * zl**2 - zl**3 / 6.0) / zl**4
-    return jnp.where(small, series, closed)
-
-
-def _phis(k: int, z):
-    return _phi4(z) if k == 4 else phi(k, z)
-
-
 def _lagrange_rhos(nodes, b):
     """rho with sum_k rho_k nodes_k^(n-1) = b_n (n = 1..len(nodes)): a Vandermonde solve
     in closed form, rho_j = sum_n [x^(n-1)] L_j(x) b_n with L_j the Lagrange basis."""
@@ -66,14 +51,20 @@ def _lagrange_rhos(nodes, b):
     return out
 
 
-def unipc_orders(order: int, n: int, lower_order_final: bool) -> np.ndarray:
+def unipc_orders(order: int, n: int, lower_order_final: bool, first_index=0):
     """UniPC's order at each of ``n`` steps, as diffusers' ``UniPCMultistepScheduler``:
     warm-up ``min(order, i + 1)`` and, with ``lower_order_final``, at most ``n - i`` on
-    *every* grid (not only below 15 steps as in the DPM-Solver schedulers)."""
-    i = np.arange(n)
-    orders = np.minimum(order, i + 1)
+    *every* grid (not only below 15 steps as in the DPM-Solver schedulers). Step ``i`` of
+    the grid is step ``first_index + i`` of the run (warm-up); a traced ``first_index`` (a
+    step of an adaptive grid) gives traced orders."""
+    if isinstance(first_index, int):
+        xp, i = np, np.arange(n)
+    else:
+        xp, i = jnp, jnp.arange(n, dtype=jnp.asarray(first_index).dtype)
+    # (within the grid given, a step has only the points before it as history)
+    orders = xp.clip(xp.minimum(xp.minimum(order, first_index + i + 1), i + 1), 1, None)
     if lower_order_final:
-        orders = np.minimum(orders, n - i)
+        orders = xp.minimum(orders, n - i)
     return orders
 
 
@@ -129,7 +120,7 @@ class UniPC(AbstractSolver):
     ```
     """
 
-    order: int = 2
+    order: int = eqx.field(default=2, converter=as_int)
     corrector: bool = True
     lower_order_final: bool = True
     variant: str = "bh2"
@@ -137,14 +128,8 @@ class UniPC(AbstractSolver):
 
     def __check_init__(self):
         for name in ("corrector", "lower_order_final"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(
-                    f"UniPC: {name} must be a bool, got {name}={getattr(self, name)!r}."
-                )
-        if self.variant not in _VARIANTS:
-            raise ValueError(
-                f"UniPC: variant must be 'bh2' or 'bh1', got variant={self.variant!r}."
-            )
+            check_bool("UniPC", name, getattr(self, name))
+        check_choice("UniPC", "variant", self.variant, _VARIANTS)
 
     @property
     def convergence_order(self) -> int:
@@ -154,13 +139,18 @@ class UniPC(AbstractSolver):
     def _history_len(self) -> int:
         return self.order if self.corrector else self.order - 1
 
-    def inputs(self, schedule, ts, dtype):
+    @property
+    def num_history(self) -> int:
+        return self.order
+
+    def inputs(self, schedule, ts, dtype, *, first_index=0, to_end=True, with_error=False):
         p = self.order
         n = ts.shape[0] - 1
-        orders = jnp.asarray(unipc_orders(p, n, self.lower_order_final))
-        lam = schedule.log_snr(ts)
-        log_alpha = schedule.log_alpha(ts)
-        log_sigma = schedule.log_sigma(ts)
+        orders = jnp.asarray(
+            unipc_orders(p, n, self.lower_order_final and to_end, first_index)
+        )
+        values = grid_values(schedule, ts)
+        lam, log_alpha, log_sigma = values.lam, values.log_alpha, values.log_sigma
         lam_s, lam_t = lam[:-1], lam[1:]
         h = lam_t - lam_s
         hh = -h
@@ -171,12 +161,12 @@ class UniPC(AbstractSolver):
         # b_n = n! hh phi_{n+1}(hh) / B(h)  (3.27); bh2: B = expm1(hh) = hh phi_1(hh)
         big_b = e if self.variant == "bh2" else hh
         scale = phi1 if self.variant == "bh2" else jnp.ones_like(hh)
-        b = [math.factorial(k) * _phis(k + 1, hh) / scale for k in range(1, p + 1)]
+        b = [math.factorial(k) * phi(k + 1, hh) / scale for k in range(1, p + 1)]
         # history nodes r_k = (lambda_{i-k} - lambda_i) / h, k = 1..p-1; a safe stand-in
         # where step i does not use point k (warm-up), so no division by zero anywhere
         rs, use = [], []
         for k in range(1, p):
-            lam_k = jnp.concatenate([jnp.broadcast_to(lam[:1], (k,)), lam[: n - k]])
+            lam_k = shifted(lam_s, k)
             u = orders > k
             rs.append(jnp.where(u, (lam_k - lam_s) / h, -float(k)))
             use.append(u)
@@ -220,7 +210,10 @@ class UniPC(AbstractSolver):
         def shift(v):
             return jnp.concatenate([jnp.zeros_like(v[:1]), v[:-1]], axis=0)
 
-        keep = jnp.zeros((n,), h.dtype).at[0].set(1.0)
+        if isinstance(first_index, int):
+            keep = jnp.zeros((n,), h.dtype).at[0].set(1.0 if first_index == 0 else 0.0)
+        else:
+            keep = (first_index + jnp.arange(n) == 0).astype(h.dtype)
 
         def cast(v):
             return jnp.asarray(v).astype(dtype)
@@ -258,4 +251,4 @@ class UniPC(AbstractSolver):
         x_next = tm(lambda x, m: inp.a * x + inp.b[0] * m, x, m)
         for j in range(self.order - 1):
             x_next = tm(lambda v, h, j=j: v + inp.b[j + 1] * h, x_next, hist[j])
-        return (x_next, prev, ((m,) + hist)[: self._history_len()])
+        return (x_next, prev, ((m,) + hist)[: self._history_len()]), None

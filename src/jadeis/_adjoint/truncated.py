@@ -1,0 +1,153 @@
+"""Truncated gradients: differentiate through the last K steps only."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .._core import Args, Problem
+from .._loop import fixed_rows, integrate, is_adaptive, trajectory
+from .._solver.base import as_int, check_int, row
+from .base import AbstractAdjoint, Out, any_perturbed
+from .discrete import DiscreteAdjoint
+
+
+class Truncated(AbstractAdjoint):
+    """The gradient through the last ``k`` sampling steps only (DRaFT-K style).
+
+    The first N - k steps run without a tape (their inputs under ``stop_gradient``); the
+    state they reach (the whole solver state, with a multistep method's history) is a
+    constant input to the last ``k`` steps, which are differentiated by ``adjoint`` (any
+    strategy: ``DiscreteAdjoint()`` by default, ``Backprop()``, ``ReversibleAdjoint()`` for Rex,
+    ``AdjointDEIS(...)``). So the gradient with respect to ``z``, ``params``, the noise of the
+    last ``k`` steps, and (with an exact ``adjoint``) ``ts`` and the schedule, is that of the
+    last ``k`` steps with the state before them held fixed; the earlier steps' contributions
+    are left out by definition. ``k >= N`` is ``adjoint`` itself (the exact gradient);
+    ``k = 1`` is the one-step gradient.
+
+    The truncated gradient with respect to ``x_T`` is not defined (``x_T`` only reaches the
+    untaped steps) and is refused with a ``ValueError``, never returned as a zero. Memory and
+    time of the backward pass are those of ``adjoint`` over ``k`` steps (docs/math/adjoint.md,
+    "the gradient dial"). Fixed grids only: the last ``k`` steps of an adaptive run are known
+    only when it ends.
+
+    **Arguments:**
+
+    - `k`: the number of final steps differentiated (an int >= 1).
+    - `adjoint`: the strategy for those steps.
+
+    **Example:**
+
+    ```python
+    >>> import jax, jax.numpy as jnp
+    >>> import jadeis
+    >>> sch = jadeis.VPLinear()
+    >>> eps_fn = lambda p, x, t, z: p * x + z
+    >>> loss = lambda z: jadeis.sample(eps_fn, 0.5, jnp.ones((1, 2)), z, schedule=sch,
+    ...     ts=jadeis.time_grid(sch, 10), adjoint=jadeis.Truncated(2)).sum()
+    >>> jax.grad(loss)(0.1).shape
+    ()
+
+    ```
+    """
+
+    k: int
+    adjoint: AbstractAdjoint
+
+    def __init__(self, k: int, adjoint: AbstractAdjoint = DiscreteAdjoint()):
+        self.k = as_int(k)
+        self.adjoint = adjoint
+
+    def __check_init__(self):
+        check_int("Truncated", "k", self.k, 1)
+        if not isinstance(self.adjoint, AbstractAdjoint) or isinstance(self.adjoint, Truncated):
+            raise ValueError(
+                f"Truncated: adjoint must be a gradient strategy for the last k steps such as "
+                f"jadeis.DiscreteAdjoint() (not another Truncated), got {self.adjoint!r}."
+            )
+
+    def check(self, problem: Problem, num_steps: int) -> None:
+        if is_adaptive(problem):
+            raise ValueError(
+                "Truncated differentiates the last k steps of a fixed grid; with an adaptive "
+                "controller they are known only when the run ends. Use a fixed grid (ts of "
+                "N + 1 times), or an exact strategy."
+            )
+        self.adjoint.check(problem, num_steps)
+
+    def cost(self, problem, stats):
+        k = jnp.minimum(self.k, stats.num_steps)
+        return self.adjoint.cost(problem, stats._replace(num_steps=k, num_attempts=k))
+
+    def run(self, problem: Problem, args: Args) -> Out:
+        n = problem.controller.grid(args.schedule, args.ts).shape[0] - 1
+        if self.k >= n:
+            return self.adjoint.run(problem, args)
+        start = n - self.k
+        x_T = _no_gradient(args.x_T)
+        # the first steps, without a tape
+        frozen = lax.stop_gradient(args._replace(x_T=x_T))
+        head = problem._replace(save_trajectory=False)
+        from .._core import state_dtype
+
+        rows = fixed_rows(head, frozen.schedule, frozen.ts, state_dtype(frozen.x_T))
+        res = integrate(
+            head,
+            frozen,
+            rows=row(rows, slice(0, start)),
+            save="x" if problem.save_trajectory else None,
+        )
+        # the last k steps, from the state reached, with the inner strategy
+        tail = problem._replace(first_step=start, resume=True)
+        out = self.adjoint.run(tail, args._replace(x_T=lax.stop_gradient(res.final)))
+        traj = None
+        if problem.save_trajectory:
+            head_traj = trajectory(res.saved, res.x_0, res.grid)
+            traj = jax.tree.map(
+                lambda a, b: jnp.concatenate([a[:-1], b]), head_traj, out.trajectory
+            )
+        s_a, s_b = res.stats, out.stats
+        stats = s_b._replace(
+            num_steps=s_a.num_steps + s_b.num_steps,
+            num_attempts=s_a.num_attempts + s_b.num_attempts,
+            model_evals=s_a.model_evals + s_b.model_evals,
+        )
+        return Out(out.x_0, traj, args.ts, stats)
+
+    def fwd(self, problem, args, perturbed):  # pragma: no cover - run() composes strategies
+        raise NotImplementedError
+
+    def bwd(self, problem, residuals, x0_bar, traj_bar):  # pragma: no cover
+        raise NotImplementedError
+
+
+@functools.partial(jax.custom_vjp)
+def _no_gradient(x_T):
+    """The identity; asking for its gradient is a ``ValueError`` (truncation defines none)."""
+    return x_T
+
+
+def _no_gradient_fwd(x_T):
+    values = jax.tree.map(lambda p: p.value, x_T, is_leaf=_is_primal)
+    if any_perturbed(jax.tree.map(lambda p: p.perturbed, x_T, is_leaf=_is_primal)):
+        raise ValueError(
+            "Truncated(k) defines no gradient with respect to x_T: x_T only reaches the first "
+            "N - k steps, which are not differentiated. Differentiate with respect to z or the "
+            "parameters, use k >= N (the exact gradient), or an exact strategy such as "
+            "jadeis.DiscreteAdjoint()."
+        )
+    return values, None
+
+
+def _no_gradient_bwd(_, ct):
+    return (None,)
+
+
+def _is_primal(v):
+    return isinstance(v, jax.custom_derivatives.CustomVJPPrimal)
+
+
+_no_gradient.defvjp(_no_gradient_fwd, _no_gradient_bwd, symbolic_zeros=True)

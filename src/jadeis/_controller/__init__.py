@@ -1,0 +1,8 @@
+from .adaptive import Adaptive as Adaptive
+from .base import (
+    AbstractAdaptiveController as AbstractAdaptiveController,
+    AbstractController as AbstractController,
+    AbstractGridController as AbstractGridController,
+)
+from .fixed import FixedGrid as FixedGrid
+from .pid import PIDController as PIDController

@@ -1,0 +1,415 @@
+"""The one sampling loop: every controller, every solver, every gradient strategy.
+
+``integrate`` runs a solver's steps under a step-size controller:
+
+- a grid controller (:class:`jadeis.FixedGrid`): one ``lax.scan`` over the per-step inputs,
+  computed once for the whole grid (vectorised, differentiable);
+- an adaptive controller (:class:`jadeis.PIDController`): a ``lax.while_loop`` of at most
+  ``max_steps`` attempts (or, with ``bounded=True``, a ``lax.scan`` of ``max_steps``
+  iterations that skip once done, which reverse-mode autodiff can run through). Each
+  attempt computes its step's inputs from the recent accepted times, takes the solver's
+  step with its error estimate, and lets the controller accept or reject it.
+
+Both record the same :class:`Grid` (the accepted times, their number and, for a fixed grid,
+the inputs) and :class:`Stats`. Every gradient strategy wraps ``integrate`` for its forward
+pass and walks back over the accepted steps with ``sweep``, so it runs on every controller
+with no code of its own for either.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array
+
+from . import _validate as V
+from ._conditioning import z_at
+from ._controller import AbstractAdaptiveController
+from ._core import Args, Problem, bind_model, draw_noise, is_array, state_dtype
+from ._solver.base import row
+
+
+class Grid(NamedTuple):
+    """The steps a run took.
+
+    - `ts`: the accepted times, shape ``(K + 1,)``; for an adaptive run ``K = max_steps``
+      and the entries after ``count`` repeat the end time.
+    - `count`: the number of accepted steps (a Python int for a grid fixed in advance, a
+      traced int32 for an adaptive run).
+    - `rows`: the solver's inputs of every step of a fixed grid (``None`` for an adaptive
+      run: a step's inputs are recomputed from the times, with the same formulas).
+    """
+
+    ts: Array
+    count: Any
+    rows: Any
+
+    @property
+    def fixed(self) -> bool:
+        return isinstance(self.count, int)
+
+
+class Stats(NamedTuple):
+    """What a run cost (int32 arrays; per example under ``vmap``).
+
+    - `num_steps`: accepted steps; `num_attempts`: steps tried (accepted or rejected);
+      `num_rejected`: ``num_attempts - num_steps``.
+    - `model_evals`: evaluations of the model in the forward pass.
+    - `grad_model_evals`, `grad_vjps`: what a gradient of this run costs with the chosen
+      strategy: model evaluations and vector-Jacobian products of the model in its backward
+      pass (a VJP counts one; it includes its own forward evaluation).
+    """
+
+    num_steps: Array
+    num_attempts: Array
+    num_rejected: Array
+    model_evals: Array
+    grad_model_evals: Array
+    grad_vjps: Array
+
+
+class LoopResult(NamedTuple):
+    x_0: Any
+    final: Any  # the final solver state
+    saved: Any  # per accepted step: None, the sample or the solver state at its start
+    grid: Grid
+    stats: Stats
+
+
+def is_adaptive(problem: Problem) -> bool:
+    return isinstance(problem.controller, AbstractAdaptiveController)
+
+
+def fixed_rows(problem: Problem, schedule, ts, dtype):
+    """The per-step inputs of a grid fixed in advance (differentiable in ``schedule``, ``ts``),
+    of the steps from ``problem.first_step`` on (the solver sees the grid points before it
+    that its history needs, so the rows are those of the whole grid)."""
+    solver = problem.solver
+    if is_adaptive(problem):
+        # the accepted grid of an adaptive run (solve_adjoint): its steps' formulas
+        return solver.inputs(schedule, ts, dtype, to_end=False)
+    grid = problem.controller.grid(schedule, ts)
+    start = problem.first_step
+    if start == 0:
+        return solver.inputs(schedule, grid, dtype)
+    lead = min(solver.num_history, start)
+    rows = solver.inputs(schedule, grid[start - lead :], dtype, first_index=start - lead)
+    return jax.tree.map(lambda v: v[lead:], rows)
+
+
+def step_grid(problem: Problem, schedule, ts):
+    """The times of the run's steps (from ``problem.first_step`` on) on a fixed grid."""
+    return problem.controller.grid(schedule, ts)[problem.first_step :]
+
+
+def grid_row(problem: Problem, schedule, grid: Grid, i, dtype):
+    """The inputs of accepted step ``i`` (recomputed from the times of an adaptive grid,
+    exactly as the forward pass computed them)."""
+    if grid.rows is not None:
+        return row(grid.rows, i)
+    solver = problem.solver
+    h = solver.num_history
+    i = jnp.asarray(i)
+    idx = jnp.clip(i + jnp.arange(-h, 2, dtype=i.dtype), 0, None)
+    return solver.step_inputs(schedule, grid.ts[idx], i, dtype)
+
+
+def _select(pred, a, b):
+    return jax.tree.map(lambda u, v: jnp.where(pred, u, v), a, b)
+
+
+def _buffer(n: int, like):
+    """A zero buffer of n copies of each leaf, laid out (sharded) like the leaf: under an
+    explicit-axis mesh each device then keeps only its own rows of every saved state."""
+    return jax.tree.map(lambda v: jnp.broadcast_to(jnp.zeros_like(v)[None], (n,) + v.shape), like)
+
+
+def _saved_of(save, solver, state):
+    if save == "x":
+        return solver.output(state)
+    if save == "state":
+        return state
+    return None
+
+
+def integrate(
+    problem: Problem,
+    args: Args,
+    *,
+    save: str | None = None,
+    bounded: bool = False,
+    rows=None,
+) -> LoopResult:
+    """Run the sampler from ``args.x_T`` (a solver state if ``problem.resume``).
+
+    ``save`` selects what is kept per accepted step: ``None``, ``"x"`` (the sample at the
+    start of each step) or ``"state"`` (the solver state at the start of each step).
+    ``rows``: the per-step inputs of a fixed grid, if already computed. ``bounded``: an
+    adaptive loop that reverse-mode autodiff can differentiate (a scan of ``max_steps``
+    iterations).
+    """
+    if rows is None and is_adaptive(problem):
+        return _adaptive(problem, args, save, bounded)
+    return _fixed(problem, args, save, rows)
+
+
+def _uses_step_index(problem: Problem) -> bool:
+    """Whether a step reads its index (per-step conditioning or SDE noise)."""
+    return problem.per_step_z or problem.solver.stochastic
+
+
+def _fixed(problem: Problem, args: Args, save, rows):
+    solver = problem.solver
+    params, x_T, z, schedule, ts, noise = args
+    state0 = problem.init(x_T)
+    dtype = state_dtype(solver.output(state0))
+    if rows is None:
+        rows = fixed_rows(problem, schedule, ts, dtype)
+        ts = step_grid(problem, schedule, ts)
+    n = jax.tree.leaves(rows)[0].shape[0]
+
+    def body(state, xs):
+        i, inp = xs
+        model = bind_model(problem, params, z_at(z, i, problem.per_step_z))
+        x = solver.output(state)
+        x = x.astype(dtype) if is_array(x) else jax.tree.map(lambda v: v.astype(dtype), x)
+        xi = draw_noise(problem, noise, i, x)
+        new, _ = solver.step(model, inp, state, xi)
+        return new, _saved_of(save, solver, state)
+
+    # the step index is scanned over only where a step uses it (per-step z, noise)
+    steps = problem.first_step + jnp.arange(n) if _uses_step_index(problem) else None
+    final, saved = lax.scan(body, state0, (steps, rows))
+    count = jnp.asarray(n, jnp.int32)
+    evals = count * solver.evals_per_step
+    zero = jnp.zeros((), jnp.int32)
+    stats = Stats(count, count, zero, evals, zero, zero)
+    return LoopResult(solver.output(final), final, saved, Grid(ts, n, rows), stats)
+
+
+def _adaptive(problem: Problem, args: Args, save, bounded: bool):
+    solver = problem.solver
+    ctrl = problem.controller
+    params, x_T, z, schedule, ts, _ = args
+    state0 = problem.init(x_T)
+    dtype = state_dtype(solver.output(state0))
+    M = ctrl.max_steps
+    h = solver.num_history
+    model = bind_model(problem, params, z)
+    cstate0 = lax.stop_gradient(ctrl.init(solver, schedule, ts, dtype))
+    t_start = cstate0.t
+
+    reuse = solver.first_evaluation_at_state
+
+    def body(c):
+        state, cstate, n = c["state"], c["ctrl"], c["n_acc"]
+        t_next, last = ctrl.propose(schedule, cstate)
+        times = jnp.concatenate([c["recent"], t_next[None]])
+        inp = solver.step_inputs(schedule, times, n, dtype)
+        first = []
+        if reuse:
+            # the step's first evaluation is at the state itself: after a rejection, the
+            # retry from the same state reuses it (no model evaluation)
+
+            def step_model(x, t):
+                if first:
+                    return model(x, t)
+                out = lax.cond(c["cached"], lambda x: c["eps0"], lambda x: model(x, t), x)
+                first.append(out)
+                return out
+        else:
+            step_model = model
+        new_state, err = solver.step(step_model, inp, state, None)
+        x, x_new = solver.output(state), solver.output(new_state)
+        accept, cstate = ctrl.adapt(solver, cstate, err, x, x_new, n, t_next, last)
+        accept = lax.stop_gradient(accept)
+        out = {
+            "state": _select(accept, new_state, state),
+            "ctrl": lax.stop_gradient(cstate),
+            "recent": jnp.where(accept, times[1:], c["recent"]),
+            "n_acc": n + accept.astype(jnp.int32),
+            "n_try": c["n_try"] + 1,
+            "done": accept & last,
+        }
+        if reuse:
+            out["eps0"] = first[0]
+            out["cached"] = ~accept
+            out["reused"] = c["reused"] + c["cached"].astype(jnp.int32)
+        buf = c["ts_buf"]
+        out["ts_buf"] = buf.at[n + 1].set(jnp.where(accept, t_next, buf[n + 1]))
+        if save is not None:
+            # the start of the step (unchanged by a rejection, so rewriting it on every
+            # attempt is harmless)
+            out["saved"] = jax.tree.map(
+                lambda b, s: b.at[n].set(s), c["saved"], _saved_of(save, solver, state)
+            )
+        return out
+
+    def running(c):
+        return ~c["done"] & (c["n_try"] < M) & ~ctrl.stalled(c["ctrl"])
+
+    carry = {
+        "state": state0,
+        "ctrl": cstate0,
+        "recent": jnp.full((h + 1,), t_start, ts.dtype),
+        "n_acc": jnp.zeros((), jnp.int32),
+        "n_try": jnp.zeros((), jnp.int32),
+        "done": jnp.zeros((), bool),
+        "ts_buf": jnp.full((M + 1,), ts[-1], ts.dtype).at[0].set(t_start),
+    }
+    if save is not None:
+        carry["saved"] = _buffer(M, _saved_of(save, solver, state0))
+    if reuse:
+        x0 = solver.output(state0)
+        carry["eps0"] = jax.tree.map(jnp.zeros_like, x0)
+        carry["cached"] = jnp.zeros((), bool)
+        carry["reused"] = jnp.zeros((), jnp.int32)
+    if bounded:
+        c, _ = lax.scan(
+            lambda c, _: (lax.cond(running(c), body, lambda c: c, c), None),
+            carry,
+            None,
+            length=M,
+        )
+    else:
+        c = lax.while_loop(running, body, carry)
+    x_0 = _budget_check(solver.output(c["state"]), c["done"], M)
+    n_acc, n_try = c["n_acc"], c["n_try"]
+    zero = jnp.zeros((), jnp.int32)
+    evals = n_try * solver.evals_per_step - (c["reused"] if reuse else 0)
+    stats = Stats(n_acc, n_try, n_try - n_acc, evals, zero, zero)
+    grid = Grid(lax.stop_gradient(c["ts_buf"]), n_acc, None)
+    return LoopResult(x_0, c["state"], c.get("saved"), grid, stats)
+
+
+def _budget_check(x_0, done, M):
+    return V.runtime_check(
+        x_0,
+        [
+            (
+                ~done,
+                f"sample: the adaptive controller did not reach ts[-1] within max_steps={M} "
+                f"attempts (or its step size collapsed); raise max_steps, loosen rtol/atol, or "
+                f"check the model for non-finite outputs.",
+            )
+        ],
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# trajectories
+
+
+def trajectory(saved_x, x_0, grid: Grid):
+    """The states at the accepted times, from the samples saved at the start of each step
+    and ``x_0``: ``(N + 1,) + x.shape`` for a fixed grid; ``(max_steps + 1,) + x.shape`` for
+    an adaptive run, the entries after ``grid.count`` repeating ``x_0``."""
+    if grid.fixed:
+        return jax.tree.map(lambda s, x: jnp.concatenate([s, x[None]], axis=0), saved_x, x_0)
+
+    def pad(s, x):
+        k = s.shape[0]
+        keep = (jnp.arange(k, dtype=jnp.int32) < grid.count).reshape((k,) + (1,) * x.ndim)
+        return jnp.concatenate([jnp.where(keep, s, x[None]), x[None]], axis=0)
+
+    return jax.tree.map(pad, saved_x, x_0)
+
+
+def split_trajectory_bar(traj_bar, grid: Grid):
+    """A trajectory cotangent as ``(its part on x_0, its part on the start of each step)``
+    (``None``, ``None`` for none): the inverse of :func:`trajectory`."""
+    if traj_bar is None:
+        return None, None
+    if grid.fixed:
+        return (jax.tree.map(lambda v: v[-1], traj_bar), jax.tree.map(lambda v: v[:-1], traj_bar))
+
+    def parts(v):
+        k = v.shape[0] - 1
+        pad = jnp.arange(k + 1, dtype=jnp.int32) >= grid.count
+        pad = pad.reshape((k + 1,) + (1,) * (v.ndim - 1))
+        on_x0 = jnp.sum(jnp.where(pad, v, jnp.zeros_like(v)), axis=0)
+        per_step = jnp.where(pad[:-1], jnp.zeros_like(v[:-1]), v[:-1])
+        return on_x0, per_step
+
+    both = jax.tree.map(parts, traj_bar)
+    leaves, treedef = jax.tree.flatten(traj_bar)
+    pairs = treedef.flatten_up_to(both)
+    return (treedef.unflatten([p[0] for p in pairs]), treedef.unflatten([p[1] for p in pairs]))
+
+
+# ---------------------------------------------------------------------------------------
+# walking over the accepted steps
+
+
+def loop_rows(body, carry, rows, count, *, reverse: bool = False):
+    """Run ``body(carry, i, row_i) -> (carry, ys_i)`` for ``i`` in ``range(count)`` (reversed
+    with ``reverse``) over precomputed per-step ``rows``: a ``lax.scan`` when ``count`` is a
+    Python int (``ys`` stacked), a ``lax.while_loop`` when it is traced (``ys`` must be
+    ``None``)."""
+    if isinstance(count, int):
+        return lax.scan(lambda c, a: body(c, *a), carry, (jnp.arange(count), rows), reverse=reverse)
+
+    def while_body(c):
+        i, inner = c
+        inner, ys = body(inner, i, row(rows, i))
+        _no_outputs(ys)
+        return (i - 1 if reverse else i + 1), inner
+
+    i0, cond = _while_range(count, reverse)
+    _, carry = lax.while_loop(cond, while_body, (i0, carry))
+    return carry, None
+
+
+def _no_outputs(ys):
+    if any(y is not None for y in jax.tree.leaves(ys, is_leaf=lambda v: v is None)):
+        raise AssertionError("an adaptive run has no stacked per-step outputs")
+
+
+def _while_range(count, reverse):
+    if reverse:
+        return jnp.asarray(count - 1, jnp.int32), lambda c: c[0] >= 0
+    return jnp.zeros((), jnp.int32), lambda c: c[0] < count
+
+
+def sweep(
+    problem: Problem,
+    schedule,
+    grid: Grid,
+    body,
+    carry,
+    xs,
+    *,
+    dtype,
+    rows=None,
+    reverse: bool = True,
+):
+    """Run ``body(carry, i, inp, xs_i) -> (carry, ys_i)`` over the accepted steps (in
+    reverse by default). ``xs``: per-step arrays (leading axis the steps). A fixed grid is
+    one ``lax.scan`` (``ys`` stacked); an adaptive one a ``lax.while_loop`` over the
+    ``grid.count`` accepted steps, with each step's inputs recomputed from the times (``ys``
+    must be ``None``: what differs per step of an adaptive run is not stacked)."""
+    if grid.fixed:
+        rows = grid.rows if rows is None else rows
+        n = grid.count
+
+        def scan_body(c, a):
+            i, inp, x_i = a
+            return body(c, i, inp, x_i)
+
+        steps = problem.first_step + jnp.arange(n)
+        return lax.scan(scan_body, carry, (steps, rows, xs), reverse=reverse)
+
+    def while_body(c):
+        i, inner = c
+        inp = grid_row(problem, schedule, grid, i, dtype)
+        x_i = jax.tree.map(lambda v: lax.dynamic_index_in_dim(v, i, keepdims=False), xs)
+        inner, ys = body(inner, i, inp, x_i)
+        _no_outputs(ys)
+        return (i - 1 if reverse else i + 1), inner
+
+    i0, cond = _while_range(grid.count, reverse)
+    _, carry = lax.while_loop(cond, while_body, (i0, carry))
+    return carry, None
