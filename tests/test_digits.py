@@ -76,6 +76,43 @@ def _rehash(d):
     path.write_text(json.dumps(manifest))
 
 
+def test_bundled_digits_are_scikit_learns_bit_for_bit():
+    """digits.npz holds scikit-learn's copy of the digits and the split it gave: the images,
+    labels and every split equal what scikit-learn computes (so the demo's numbers are the
+    ones it gave when it loaded the data from scikit-learn)."""
+    pytest.importorskip("sklearn", reason="scikit-learn (the test extra) is the reference")
+    from jadeis.digits import _data
+
+    pixels, labels, splits = _data.from_scikit_learn()
+    images_all, labels_all = load_split("all")
+    assert images_all.dtype == np.float32 and labels_all.dtype == np.int32
+    assert images_all.tobytes() == _data._scale(pixels).tobytes()
+    assert np.array_equal(labels_all, labels)
+    for name, idx in splits.items():
+        images, lab = load_split(name)
+        assert images.tobytes() == _data._scale(pixels[idx]).tobytes(), name
+        assert np.array_equal(lab, labels[idx]), name
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [1197, 300, 300]
+
+
+def test_digits_load_without_scikit_learn():
+    """The demo's data come from the package: loading them imports no scikit-learn or scipy."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["sklearn"] = None  # importing it would fail
+        from jadeis.digits import load_split
+        images, labels = load_split("test")
+        assert images.shape == (300, 8, 8) and labels.shape == (300,)
+        loaded = [m for m, mod in sys.modules.items() if mod is not None]
+        print(sorted(m for m in loaded if m.split(".")[0] in ("sklearn", "scipy")))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
 def test_missing_corrupt_and_mismatched_files_are_clear_errors(tmp_path):
     with pytest.raises(WeightsError, match="not found"):
         load_denoiser(tmp_path)
