@@ -76,8 +76,10 @@ def test_demo_writes_png_and_mmpmr_table(tmp_path):
     img = matplotlib.image.imread(png)
     assert img.ndim == 3 and img.shape[0] > 150 and img.shape[1] > 400
     assert img[..., :3].std() > 0.1  # not blank
+    pairs_line = next(line for line in res.stdout.splitlines() if line.startswith("pairs: "))
+    assert "rank" not in pairs_line and pairs_line.startswith("pairs: 2 of the 45"), pairs_line
     result = json.loads((out_dir / "results.json").read_text())
-    assert len(result["pairs"]) == 2
+    assert len(result["pairs"]) == 2 and len(result["pair_ranks"]) == 2
     for r in result["results"]:
         assert set(r["mmpmr"]) == {"verifier_a", "verifier_b", "verifier_c"}
         assert all(0.0 <= v <= 1.0 for v in r["mmpmr"].values())
@@ -120,6 +122,27 @@ def test_unwritable_out(capsys, tmp_path):
     blocker.write_text("x")
     code, err = _error(capsys, "demo", "--out", str(blocker / "sub"))
     assert code != 0 and "--out" in err and "cannot write to" in err and "not a folder" in err
+
+
+def test_demo_outputs_are_ignored_by_git():
+    """The folders the demo and training write by default (and README's demo_out/) are in
+    .gitignore, so a run in a checkout leaves `git status` clean."""
+    from jadeis._cli import build_parser
+
+    root = Path(__file__).parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    parser = build_parser()
+    folders = [
+        parser.parse_args(["demo"]).out,
+        parser.parse_args(["train", "digits"]).out,
+        "demo_out",
+    ]
+    paths = [f"{folder}/morphs.png" for folder in folders]
+    res = subprocess.run(
+        ["git", "check-ignore", "--no-index", *paths], cwd=root, capture_output=True, text=True
+    )
+    assert res.stdout.split() == paths, res.stdout + res.stderr
 
 
 def test_missing_weights(capsys, tmp_path):

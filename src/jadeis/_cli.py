@@ -224,18 +224,17 @@ def _demo(args) -> int:
     denoiser = load_denoiser(weights)
     verifiers = load_verifiers(weights)
     if args.images is not None:
-        pairs = [tuple(args.images)]
+        pairs, ranks = [tuple(args.images)], None
         selection = "the pair given by --images"
     else:
         ranked = ranked_pairs(verifiers)
         ranks = spread_ranks(args.pairs, len(ranked))
         pairs = [ranked[r][1:] for r in ranks]
         dist = [ranked[r][0] for r in ranks]
+        spread = "" if len(pairs) == len(ranked) else ", spread over the difficulty range"
         selection = (
-            f"{len(pairs)} of the {len(ranked)} look-alike pairs, spread over the difficulty "
-            f"range: rank{'s' if len(ranks) > 1 else ''} "
-            + ", ".join(str(r + 1) for r in ranks)
-            + f" (1 = closest), pixel distance {min(dist):.1f}-{max(dist):.1f}"
+            f"{len(pairs)} of the {len(ranked)} look-alike pairs{spread} (pixel distance "
+            f"{min(dist):.1f}-{max(dist):.1f})"
         )
     outputs = ("morphs.png", "results.json")
     existing = [name for name in outputs if (out / name).exists()]
@@ -274,6 +273,8 @@ def _demo(args) -> int:
             raise CLIError(f"{r.method.label}: non-finite morphs; nothing was written.")
     result = report.as_dict()
     result["pair_selection"] = selection
+    if ranks is not None:  # each pair's rank among the look-alike pairs, 1 = closest
+        result["pair_ranks"] = [r + 1 for r in ranks]
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     replaced = write_files(
         out,
