@@ -76,6 +76,43 @@ def _rehash(d):
     path.write_text(json.dumps(manifest))
 
 
+def test_bundled_digits_are_scikit_learns_bit_for_bit():
+    """digits.npz holds scikit-learn's copy of the digits and the split it gave: the images,
+    labels and every split equal what scikit-learn computes (so the demo's numbers are the
+    ones it gave when it loaded the data from scikit-learn)."""
+    pytest.importorskip("sklearn", reason="scikit-learn (the test extra) is the reference")
+    from jadeis.digits import _data
+
+    pixels, labels, splits = _data.from_scikit_learn()
+    images_all, labels_all = load_split("all")
+    assert images_all.dtype == np.float32 and labels_all.dtype == np.int32
+    assert images_all.tobytes() == _data._scale(pixels).tobytes()
+    assert np.array_equal(labels_all, labels)
+    for name, idx in splits.items():
+        images, lab = load_split(name)
+        assert images.tobytes() == _data._scale(pixels[idx]).tobytes(), name
+        assert np.array_equal(lab, labels[idx]), name
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [1197, 300, 300]
+
+
+def test_digits_load_without_scikit_learn():
+    """The demo's data come from the package: loading them imports no scikit-learn or scipy."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["sklearn"] = None  # importing it would fail
+        from jadeis.digits import load_split
+        images, labels = load_split("test")
+        assert images.shape == (300, 8, 8) and labels.shape == (300,)
+        loaded = [m for m, mod in sys.modules.items() if mod is not None]
+        print(sorted(m for m in loaded if m.split(".")[0] in ("sklearn", "scipy")))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
 def test_missing_corrupt_and_mismatched_files_are_clear_errors(tmp_path):
     with pytest.raises(WeightsError, match="not found"):
         load_denoiser(tmp_path)
@@ -158,6 +195,58 @@ def test_morph_pairs_are_different_digits_rejected_by_every_verifier():
     b = jnp.asarray(images[[p[1] for p in pairs]])
     for v in verifiers:
         assert not np.any(np.asarray(v.accepts(a, b)))
+
+
+def test_iteration_bar_eta_excludes_the_first_iteration():
+    """The first iteration (compilation) is timed on its own and the bar's clock restarts
+    after it: the rate and ETA are those of the later iterations."""
+    import io
+    import time
+    import types
+
+    from jadeis.digits._morph import IterationBar
+
+    out = io.StringIO()
+    bar = IterationBar(10, "method", file=out, mininterval=0)
+    state = types.SimpleNamespace(loss=np.array([0.5, 0.25]))
+    assert "compiling" in out.getvalue()
+    time.sleep(0.5)  # "compiling"
+    bar.callback(0, state)
+    for i in range(1, 4):
+        time.sleep(0.02)
+        bar.callback(i, state)
+    info = bar.bar.format_dict
+    bar.close()
+    assert bar.first_seconds >= 0.5
+    assert info["n"] == 4 and info["elapsed"] < 0.4
+    # with the compile counted the rate would be below 4 / 0.56 = 7 it/s
+    assert info["rate"] is not None and info["rate"] > 15, info
+    text = out.getvalue()
+    assert "first iteration (compiling) 0.5 s" in text and "loss=0.3750" in text, text
+
+
+def test_demo_iterations_after_the_first_do_not_compile(monkeypatch):
+    """Only the first optimisation iteration compiles: on one device the demo does not put
+    its batch on a mesh, which made guide's step compile a second time (a 4 s pause at
+    iteration 2 that the progress bar's ETA then extrapolated)."""
+    import time
+
+    from jadeis.digits import _morph
+
+    stamps = []
+    callback = _morph.IterationBar.callback
+
+    def timed(self, i, state):
+        stamps.append(time.perf_counter())
+        return callback(self, i, state)
+
+    monkeypatch.setattr(_morph.IterationBar, "callback", timed)
+    model, verifiers = load_denoiser(), load_verifiers()
+    pairs = candidate_pairs(verifiers)[:2]
+    start = time.perf_counter()
+    run_morphs(model, verifiers, pairs, steps=4, iters=4, methods=["discrete"], progress=False)
+    first, *rest = np.diff([start, *stamps])
+    assert len(rest) == 3 and max(rest) < 0.1 * first, (first, rest)
 
 
 def test_slerp():

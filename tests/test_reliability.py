@@ -344,13 +344,13 @@ def test_ctrl_c_during_demo_exits_130_with_one_line(tmp_path):
 
 def test_missing_demo_extra_is_a_clear_error(tmp_path):
     code = (
-        "import sys; sys.modules['sklearn'] = None\n"
+        "import sys; sys.modules['flax'] = None\n"
         "from jadeis._cli import main\n"
         f"sys.exit(main(['demo', '--out', {str(tmp_path / 'o')!r}]))"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
     assert res.returncode == 1, res.stderr
-    assert "pip install 'jadeis[demo]'" in res.stderr and "scikit-learn" in res.stderr
+    assert "pip install '.[demo]'" in res.stderr and "flax" in res.stderr
     assert "Traceback" not in res.stderr
 
 
@@ -365,7 +365,8 @@ def test_runtime_dependencies_are_what_the_library_imports():
     name = lambda req: req.split(">")[0].split("=")[0].split("[")[0].strip().lower()
     deps = {name(r) for r in py["dependencies"]}
     extras = py["optional-dependencies"]
-    assert {"matplotlib", "scikit-learn", "flax"} <= {name(r) for r in extras["demo"]}
+    assert {"matplotlib", "flax"} <= {name(r) for r in extras["demo"]}
+    assert not {"scikit-learn", "scipy"} & {name(r) for r in extras["demo"]}
     assert not {"matplotlib", "scikit-learn", "flax", "diffrax"} & deps
     assert any(e.startswith("jadeis[") and "demo" in e for e in extras["test"])
     stdlib = set(sys.stdlib_module_names)

@@ -1,4 +1,9 @@
-"""The ``jadeis`` console script: ``jadeis demo`` (digit morphing) and ``jadeis train digits``."""
+"""The ``jadeis`` console script: ``jadeis demo`` (digit morphing) and ``jadeis train digits``.
+
+This module and its parser import only the standard library: NumPy, flax and ``jadeis.digits``
+are imported once a command runs, not for ``--help`` or a usage error. (Python imports the
+``jadeis`` package first, and that still imports JAX.)
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+# the keys of jadeis.digits.METHODS, in its order (a test keeps the two equal); written out here
+# so that building the parser does not import the demo
+DEMO_METHODS = (
+    "pixel",
+    "latent",
+    "adjointdeis1_ode",
+    "adjointdeis2_ode",
+    "adjointdeis1_sde",
+    "discrete",
+    "rex",
+)
 
 DEMO_DESCRIPTION = """\
 Morph look-alike pairs of handwritten digits with the bundled diffusion model: encode both
@@ -84,8 +99,6 @@ def _seed(text):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .digits import METHOD_KEYS
-
     parser = _Parser(
         prog="jadeis",
         description="jadeis: gradients through diffusion sampling in JAX (AdjointDEIS).",
@@ -138,10 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--methods",
         nargs="+",
-        choices=METHOD_KEYS,
-        default=list(METHOD_KEYS),
+        choices=DEMO_METHODS,
+        default=list(DEMO_METHODS),
         metavar="M",
-        help=f"methods to run (default: all of {', '.join(METHOD_KEYS)})",
+        help=f"methods to run (default: all of {', '.join(DEMO_METHODS)})",
     )
     demo.add_argument(
         "--seed", type=_seed, default=0, help="seed of the SDE paths (0 to 2**32-1; default: 0)"
@@ -192,8 +205,15 @@ def _version():
 
 def _demo(args) -> int:
     t_start = time.perf_counter()
+    from .digits import OutputDirError
+
+    # validate everything before any work: first the output folder (created and written to as
+    # a probe, then removed), so that a run cannot end in a folder it cannot write
+    out = Path(args.out)
+    _check_out(out, OutputDirError)
+    import numpy as np
+
     from .digits import (
-        OutputDirError,
         load_denoiser,
         load_split,
         load_verifiers,
@@ -205,7 +225,6 @@ def _demo(args) -> int:
         write_files,
     )
 
-    # validate everything before creating anything
     if args.images is not None:
         n_test = len(load_split("test")[1])
         for i in args.images:
@@ -219,23 +238,20 @@ def _demo(args) -> int:
     weights = args.weights
     if weights is not None and not Path(weights).is_dir():
         raise CLIError(f"--weights: {weights!r} is not a directory.")
-    out = Path(args.out)
-    _check_out(out, OutputDirError)
     denoiser = load_denoiser(weights)
     verifiers = load_verifiers(weights)
     if args.images is not None:
-        pairs = [tuple(args.images)]
+        pairs, ranks = [tuple(args.images)], None
         selection = "the pair given by --images"
     else:
         ranked = ranked_pairs(verifiers)
         ranks = spread_ranks(args.pairs, len(ranked))
         pairs = [ranked[r][1:] for r in ranks]
         dist = [ranked[r][0] for r in ranks]
+        spread = "" if len(pairs) == len(ranked) else ", spread over the difficulty range"
         selection = (
-            f"{len(pairs)} of the {len(ranked)} look-alike pairs, spread over the difficulty "
-            f"range: rank{'s' if len(ranks) > 1 else ''} "
-            + ", ".join(str(r + 1) for r in ranks)
-            + f" (1 = closest), pixel distance {min(dist):.1f}-{max(dist):.1f}"
+            f"{len(pairs)} of the {len(ranked)} look-alike pairs{spread} (pixel distance "
+            f"{min(dist):.1f}-{max(dist):.1f})"
         )
     outputs = ("morphs.png", "results.json")
     existing = [name for name in outputs if (out / name).exists()]
@@ -274,6 +290,8 @@ def _demo(args) -> int:
             raise CLIError(f"{r.method.label}: non-finite morphs; nothing was written.")
     result = report.as_dict()
     result["pair_selection"] = selection
+    if ranks is not None:  # each pair's rank among the look-alike pairs, 1 = closest
+        result["pair_ranks"] = [r + 1 for r in ranks]
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     replaced = write_files(
         out,
@@ -346,14 +364,13 @@ def main(argv=None) -> int:
     script = argv is None
     command = "jadeis"
     try:
-        try:
-            parser = build_parser()
-        except ImportError as e:  # the demo extra is missing
-            print(f"jadeis: error: {e}", file=sys.stderr)
-            return 1
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
         command = f"jadeis {args.command}"
-        from .digits import OutputDirError, WeightsError
+        try:
+            from .digits import OutputDirError, WeightsError
+        except ImportError as e:  # the demo extra is missing
+            print(f"{command}: error: {e}", file=sys.stderr)
+            return 1
 
         try:
             return _demo(args) if args.command == "demo" else _train(args)

@@ -1,7 +1,8 @@
-"""The digits setting: a bundled conditional diffusion model of scikit-learn's 8x8 digits,
-three verifier networks standing in for face recognition, and the morphing pipeline.
+"""The digits setting: a bundled conditional diffusion model of the 8x8 handwritten digits
+(shipped with the package), three verifier networks standing in for face recognition, and the
+morphing pipeline.
 
-It needs the ``demo`` extra (flax, matplotlib, scikit-learn): ``pip install 'jadeis[demo]'``.
+It needs the ``demo`` extra (flax, matplotlib): ``pip install '.[demo]'``.
 It uses only jadeis' public API.
 """
 
@@ -13,7 +14,6 @@ def _check_dependencies():
     missing = []
     for module, package in (
         ("flax", "flax"),
-        ("sklearn", "scikit-learn"),
         ("matplotlib", "matplotlib"),
     ):
         if module in sys.modules:
@@ -29,7 +29,7 @@ def _check_dependencies():
         raise MissingDependencyError(
             f"jadeis.digits (the demo and `jadeis train digits`) needs {', '.join(missing)}, "
             f"which {'is' if len(missing) == 1 else 'are'} not installed: "
-            f"pip install 'jadeis[demo]'"
+            f"pip install '.[demo]' in a checkout of jadeis"
         )
 
 

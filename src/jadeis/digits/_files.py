@@ -33,20 +33,46 @@ def is_package_weights_dir(path) -> bool:
 
 
 def check_writable(out) -> Path:
-    """Raise :class:`OutputDirError` unless ``out`` can be created (or is a folder) and written
-    to; creates nothing."""
+    """Raise :class:`OutputDirError` unless ``out`` is a folder, or can be created as one, that
+    files can be written into.
+
+    Permissions alone do not tell (root may write anywhere by permission bits, yet not under
+    ``/proc``; a read-only mount allows nothing), so this tries: it creates the missing folders
+    and a temporary file in ``out``, then removes what it created. Afterwards the file system is
+    as it was."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"cannot write to {str(out)!r}: it is a file, not a folder.")
+    missing = []
     probe = out
-    while not probe.exists():
-        if probe.parent == probe:
-            break
+    while not probe.exists() and probe.parent != probe:
+        missing.append(probe)
         probe = probe.parent
     if not probe.is_dir():
         raise OutputDirError(f"cannot write to {str(out)!r}: {str(probe)!r} is not a folder.")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputDirError(f"cannot write to {str(out)!r}: permission denied on {str(probe)!r}.")
+    created = []
+    try:
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+            except OSError as e:
+                raise OutputDirError(
+                    f"cannot write to {str(out)!r}: cannot create the folder {str(folder)!r} "
+                    f"({e.strerror or e})."
+                ) from None
+            created.append(folder)
+        try:
+            fd, name = tempfile.mkstemp(prefix=".jadeis-probe-", dir=out)
+            os.close(fd)
+            os.unlink(name)
+        except OSError as e:
+            raise OutputDirError(
+                f"cannot write to {str(out)!r}: cannot create a file in it ({e.strerror or e})."
+            ) from None
+    finally:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     return out
 
 

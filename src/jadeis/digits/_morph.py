@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
 
 from jadeis import (
     DDIM,
@@ -222,6 +223,36 @@ def _accepted(verifiers, morphs, a, b):
     return np.stack([np.asarray(v.accepts(morphs, a) & v.accepts(morphs, b)) for v in verifiers])
 
 
+class IterationBar:
+    """A progress bar for an optimisation whose first iteration includes JIT compilation.
+
+    Until the first iteration ends the bar says "compiling"; then it shows how long that took
+    and restarts its clock, so that the rate and the ETA are those of the compiled
+    iterations only. Pass :meth:`callback` as ``guide(..., callback=...)``.
+    """
+
+    def __init__(self, total: int, desc: str, *, disable: bool = False, **tqdm_kwargs):
+        self.total = int(total)
+        self.first_seconds: float | None = None
+        self._start = time.perf_counter()
+        self.bar = tqdm(total=self.total, desc=desc, disable=disable, unit="it", **tqdm_kwargs)
+        self.bar.set_postfix_str("compiling", refresh=True)
+
+    def callback(self, i: int, state) -> bool:
+        loss = f"loss={float(np.mean(np.asarray(state.loss))):.4f}"
+        if self.first_seconds is None:
+            self.first_seconds = time.perf_counter() - self._start
+            self.bar.reset(total=self.total)  # the clock restarts: the ETA excludes compiling
+            self.bar.initial = self.bar.n = self.bar.last_print_n = 1
+        else:
+            self.bar.update(1)
+        self.bar.set_postfix_str(f"first iteration (compiling) {self.first_seconds:.1f} s, {loss}")
+        return False
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def run_morphs(
     denoiser,
     verifiers: Sequence,
@@ -250,8 +281,9 @@ def run_morphs(
     encoding 4N, each iteration 4N forward + 8N backward (the algebraic inverse and the VJP
     of each step), and the final sample 4N.
 
-    With ``shard=True`` the batch of morphs is split over all devices (``jax.sharding``),
-    padded to a multiple of the device count; the results do not depend on the device count.
+    With ``shard=True`` and several devices the batch of morphs is split over all of them
+    (``jax.sharding``), padded to a multiple of the device count; the results do not depend on
+    the device count.
     """
     unknown = [m for m in methods if m not in METHOD_KEYS]
     if unknown:
@@ -267,7 +299,7 @@ def run_morphs(
     b = jnp.asarray(pad(images[ib]), jnp.float32)
     z_a = jnp.asarray(denoiser.z_for(pad(labels[ia])), jnp.float32)
     z_b = jnp.asarray(denoiser.z_for(pad(labels[ib])), jnp.float32)
-    if shard:
+    if ndev > 1:  # on one device a mesh adds nothing (and made guide compile its step twice)
         a, b, z_a, z_b = shard_batch((a, b, z_a, z_b))
     report = MorphReport(
         list(pairs), images[ia], images[ib], labels[ia], labels[ib], [v.name for v in verifiers]
@@ -327,25 +359,29 @@ def run_morphs(
                     "discrete": DiscreteAdjoint(),
                 }[key]
                 x_T = latent_ode()
-            res = guide(
-                loss_fn,
-                eps_fn,
-                params,
-                x_T,
-                z_mid,
-                schedule=sch,
-                ts=ts,
-                optimizer=optax.adam(lr),
-                num_iters=iters,
-                wrt=("x_T", "z"),
-                solver=solver,
-                adjoint=adjoint,
-                loss_args=(e_a, e_b),
-                progress=progress,
-                keep_x0=keep_progress,
-                desc=m.label,
-                **kw,
-            )
+            bar = IterationBar(iters, m.label, disable=not progress)
+            try:
+                res = guide(
+                    loss_fn,
+                    eps_fn,
+                    params,
+                    x_T,
+                    z_mid,
+                    schedule=sch,
+                    ts=ts,
+                    optimizer=optax.adam(lr),
+                    num_iters=iters,
+                    wrt=("x_T", "z"),
+                    solver=solver,
+                    adjoint=adjoint,
+                    loss_args=(e_a, e_b),
+                    progress=False,
+                    callback=bar.callback,
+                    keep_x0=keep_progress,
+                    **kw,
+                )
+            finally:
+                bar.close()
             morphs, losses, hist = res.x_0, res.losses[:, :nb], res.x0_history
             if key == "rex":
                 nfe = REX_EVALS * (2 * steps + iters * 3 * steps)

@@ -224,8 +224,10 @@ OUTPUT_FILES = (
 def check_train_out(out_dir, *, force: bool = False) -> Path:
     """Raise :class:`OutputDirError` when training into ``out_dir`` could lose files: the
     package's own weights folder (unless ``force``), a file, or a folder holding files other
-    than a previous training run's outputs. Creates nothing."""
+    than a previous training run's outputs, or a location it cannot write to (it writes into a
+    new folder next to ``out_dir``, then renames). Leaves the file system as it was."""
     out = check_writable(out_dir)
+    check_writable(out.absolute().parent)
     if is_package_weights_dir(out) and not force:
         raise OutputDirError(
             f"{str(out)!r} is the weights folder bundled with the installed jadeis; training "
