@@ -179,11 +179,6 @@ def test_help_imports_nothing_of_the_demo():
     assert not heavy and not [m for m in new if m.startswith("jadeis.digits")], new
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`import jadeis` imports JAX (src/jadeis/__init__.py imports every submodule); "
-    "--help becomes JAX-free once the package's top level imports lazily",
-)
 def test_help_does_not_import_jax():
     code = (
         "import sys\n"

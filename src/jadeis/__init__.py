@@ -39,72 +39,155 @@ Guidance and encoding
 Documentation: the ``docs/`` site (``mkdocs serve``), with guides and the mathematics.
 """
 
-from ._adjoint import (
-    AbstractAdjoint as AbstractAdjoint,
-    AdjointDEIS as AdjointDEIS,
-    Backprop as Backprop,
-    DiscreteAdjoint as DiscreteAdjoint,
-    ReversibleAdjoint as ReversibleAdjoint,
-    Truncated as Truncated,
-)
-from ._conditioning import ConditioningFn as ConditioningFn, PerStep as PerStep
-from ._controller import (
-    AbstractAdaptiveController as AbstractAdaptiveController,
-    AbstractController as AbstractController,
-    AbstractGridController as AbstractGridController,
-    Adaptive as Adaptive,
-    FixedGrid as FixedGrid,
-    PIDController as PIDController,
-)
-from ._encode import encode_ode as encode_ode, encode_sde as encode_sde
-from ._grid import diffusers_timesteps as diffusers_timesteps, time_grid as time_grid
-from ._guidance import (
-    AbstractLoss as AbstractLoss,
-    ChiPrior as ChiPrior,
-    Guidance as Guidance,
-    GuideResult as GuideResult,
-    GuideState as GuideState,
-    Loss as Loss,
-    NormPrior as NormPrior,
-    WeightedSum as WeightedSum,
-    guide as guide,
-    sphere_projection as sphere_projection,
-)
-from ._learned_grid import LearnedGrid as LearnedGrid, learn_time_grid as learn_time_grid
-from ._loop import Stats as Stats
-from ._parameterisation import as_eps_fn as as_eps_fn
-from ._sample import (
-    AdjointResult as AdjointResult,
-    Solution as Solution,
-    sample as sample,
-    sample_trajectory as sample_trajectory,
-    solve as solve,
-    solve_adjoint as solve_adjoint,
-)
-from ._schedule import (
-    VE as VE,
-    AbstractSchedule as AbstractSchedule,
-    DiscreteVP as DiscreteVP,
-    RectifiedFlow as RectifiedFlow,
-    VPCosine as VPCosine,
-    VPLinear as VPLinear,
-    rescale_betas_zero_snr as rescale_betas_zero_snr,
-)
-from ._solver import (
-    DDIM as DDIM,
-    AbstractAdaptiveSolver as AbstractAdaptiveSolver,
-    AbstractReversibleSolver as AbstractReversibleSolver,
-    AbstractSolver as AbstractSolver,
-    DPMSolver as DPMSolver,
-    DPMSolverPP as DPMSolverPP,
-    Rex as Rex,
-    RexLatent as RexLatent,
-    SDEDPMSolver as SDEDPMSolver,
-    SDEDPMSolverPP as SDEDPMSolverPP,
-    SDERex as SDERex,
-    SinglestepDPMSolver as SinglestepDPMSolver,
-    UniPC as UniPC,
-)
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
+# The public names are imported on first use (PEP 562), so that ``import jadeis`` (and the
+# ``jadeis`` command's --help) does not import JAX; static tools see the imports below.
+if _TYPE_CHECKING:
+    from ._adjoint import (
+        AbstractAdjoint as AbstractAdjoint,
+        AdjointDEIS as AdjointDEIS,
+        Backprop as Backprop,
+        DiscreteAdjoint as DiscreteAdjoint,
+        ReversibleAdjoint as ReversibleAdjoint,
+        Truncated as Truncated,
+    )
+    from ._conditioning import ConditioningFn as ConditioningFn, PerStep as PerStep
+    from ._controller import (
+        AbstractAdaptiveController as AbstractAdaptiveController,
+        AbstractController as AbstractController,
+        AbstractGridController as AbstractGridController,
+        Adaptive as Adaptive,
+        FixedGrid as FixedGrid,
+        PIDController as PIDController,
+    )
+    from ._encode import encode_ode as encode_ode, encode_sde as encode_sde
+    from ._grid import diffusers_timesteps as diffusers_timesteps, time_grid as time_grid
+    from ._guidance import (
+        AbstractLoss as AbstractLoss,
+        ChiPrior as ChiPrior,
+        Guidance as Guidance,
+        GuideResult as GuideResult,
+        GuideState as GuideState,
+        Loss as Loss,
+        NormPrior as NormPrior,
+        WeightedSum as WeightedSum,
+        guide as guide,
+        sphere_projection as sphere_projection,
+    )
+    from ._learned_grid import LearnedGrid as LearnedGrid, learn_time_grid as learn_time_grid
+    from ._loop import Stats as Stats
+    from ._parameterisation import as_eps_fn as as_eps_fn
+    from ._sample import (
+        AdjointResult as AdjointResult,
+        Solution as Solution,
+        sample as sample,
+        sample_trajectory as sample_trajectory,
+        solve as solve,
+        solve_adjoint as solve_adjoint,
+    )
+    from ._schedule import (
+        VE as VE,
+        AbstractSchedule as AbstractSchedule,
+        DiscreteVP as DiscreteVP,
+        RectifiedFlow as RectifiedFlow,
+        VPCosine as VPCosine,
+        VPLinear as VPLinear,
+        rescale_betas_zero_snr as rescale_betas_zero_snr,
+    )
+    from ._solver import (
+        DDIM as DDIM,
+        AbstractAdaptiveSolver as AbstractAdaptiveSolver,
+        AbstractReversibleSolver as AbstractReversibleSolver,
+        AbstractSolver as AbstractSolver,
+        DPMSolver as DPMSolver,
+        DPMSolverPP as DPMSolverPP,
+        Rex as Rex,
+        RexLatent as RexLatent,
+        SDEDPMSolver as SDEDPMSolver,
+        SDEDPMSolverPP as SDEDPMSolverPP,
+        SDERex as SDERex,
+        SinglestepDPMSolver as SinglestepDPMSolver,
+        UniPC as UniPC,
+    )
+
+
+_EXPORTS = {
+    "AbstractAdaptiveController": "._controller",
+    "AbstractAdaptiveSolver": "._solver",
+    "AbstractAdjoint": "._adjoint",
+    "AbstractController": "._controller",
+    "AbstractGridController": "._controller",
+    "AbstractLoss": "._guidance",
+    "AbstractReversibleSolver": "._solver",
+    "AbstractSchedule": "._schedule",
+    "AbstractSolver": "._solver",
+    "Adaptive": "._controller",
+    "AdjointDEIS": "._adjoint",
+    "AdjointResult": "._sample",
+    "Backprop": "._adjoint",
+    "ChiPrior": "._guidance",
+    "ConditioningFn": "._conditioning",
+    "DDIM": "._solver",
+    "DPMSolver": "._solver",
+    "DPMSolverPP": "._solver",
+    "DiscreteAdjoint": "._adjoint",
+    "DiscreteVP": "._schedule",
+    "FixedGrid": "._controller",
+    "Guidance": "._guidance",
+    "GuideResult": "._guidance",
+    "GuideState": "._guidance",
+    "LearnedGrid": "._learned_grid",
+    "Loss": "._guidance",
+    "NormPrior": "._guidance",
+    "PIDController": "._controller",
+    "PerStep": "._conditioning",
+    "RectifiedFlow": "._schedule",
+    "ReversibleAdjoint": "._adjoint",
+    "Rex": "._solver",
+    "RexLatent": "._solver",
+    "SDEDPMSolver": "._solver",
+    "SDEDPMSolverPP": "._solver",
+    "SDERex": "._solver",
+    "SinglestepDPMSolver": "._solver",
+    "Solution": "._sample",
+    "Stats": "._loop",
+    "Truncated": "._adjoint",
+    "UniPC": "._solver",
+    "VE": "._schedule",
+    "VPCosine": "._schedule",
+    "VPLinear": "._schedule",
+    "WeightedSum": "._guidance",
+    "as_eps_fn": "._parameterisation",
+    "diffusers_timesteps": "._grid",
+    "encode_ode": "._encode",
+    "encode_sde": "._encode",
+    "guide": "._guidance",
+    "learn_time_grid": "._learned_grid",
+    "rescale_betas_zero_snr": "._schedule",
+    "sample": "._sample",
+    "sample_trajectory": "._sample",
+    "solve": "._sample",
+    "solve_adjoint": "._sample",
+    "sphere_projection": "._guidance",
+    "time_grid": "._grid",
+}
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'jadeis' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
 
 __version__ = "0.1.0"
 
