@@ -15,7 +15,10 @@ arrays in every process) and times, round-robin within the process:
 - gradients: ``jax.jit(jax.grad(loss o sample))`` with respect to params, x_T and z
   (loss mean(x_0^2)), DPM-Solver++(2M), with DiscreteAdjoint(), AdjointDEIS(order=2)
   (cached and reconstruct) and Backprop(): bench_gradient.py's "medium" problem (the
-  benchmark MLP with an 8-dim conditioning vector, batch 64, dim 32, hidden 256, float32).
+  benchmark MLP with an 8-dim conditioning vector, batch 64, dim 32, hidden 256, float32);
+- the adaptive controller: ``sample`` and the DiscreteAdjoint gradient with
+  ``Adaptive(DPMSolverPP(3))`` and ``Adaptive(SinglestepDPMSolver(3))`` at rtol = atol = TOL
+  on the same problems (``ts`` the two end times; the API both trees share).
 
 Per process: after a warm-up call, ``--reps`` batches of calls (each >= ``--min-batch-s``
 seconds, synchronised with ``block_until_ready``), the median per call. Compile time is
@@ -41,13 +44,23 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-SAMPLE_CASES = ("sample DDIM", "sample DPM++(2M)")
+SAMPLE_CASES = (
+    "sample DDIM",
+    "sample DPM++(2M)",
+    "sample adaptive DPM++(3M)",
+    "sample adaptive DPM-Solver-23",
+)
 GRAD_CASES = (
     "grad DiscreteAdjoint",
     "grad AdjointDEIS-2 cached",
     "grad AdjointDEIS-2 reconstruct",
     "grad Backprop",
+    "grad adaptive DPM++(3M) DiscreteAdjoint",
+    "grad adaptive DPM-Solver-23 DiscreteAdjoint",
 )
+#: the adaptive cases' tolerance (both trees: ``Adaptive(inner, rtol=TOL, atol=TOL)``, ts the
+#: two end times; the same accepted steps in both)
+TOL = 1e-3
 CASES = SAMPLE_CASES + GRAD_CASES
 SIZES = {  # (batch, dim, hidden)
     "sample": (64, 128, 512),
@@ -107,28 +120,38 @@ def worker(args) -> dict:
     gz = jax.random.normal(jax.random.key(2), (ZDIM,), jnp.float32)
     solver2 = jadeis.DPMSolverPP(order=2)
 
-    def grad_fn(adjoint):
+    def grad_fn(adjoint, solver=solver2, grid=ts):
         def loss(params, x_T, z):
             x0 = jadeis.sample(
-                C.mlp_eps, params, x_T, z, schedule=sch, ts=ts, solver=solver2, adjoint=adjoint
+                C.mlp_eps, params, x_T, z, schedule=sch, ts=grid, solver=solver, adjoint=adjoint
             )
             return jnp.mean(x0**2)
 
         return jax.grad(loss, argnums=(0, 1, 2))
 
-    fns, fargs, compile_s = {}, {}, {}
-    for name, solver in zip(SAMPLE_CASES, (jadeis.DDIM(), solver2)):
-        fn = sample_fn(solver)
-        wall, _ = C.timed_call(fn, sp, sx, ts)  # first call: trace + compile + run
-        fns[name], fargs[name], compile_s[name] = fn, (sp, sx, ts), wall
-    adjoints = (
-        jadeis.DiscreteAdjoint(),
-        jadeis.AdjointDEIS(order=2),
-        jadeis.AdjointDEIS(order=2, trajectory="reconstruct"),
-        jadeis.Backprop(),
+    ends = jnp.asarray([sch.t_max, sch.t_min], jnp.float32)
+    ad3 = jadeis.Adaptive(jadeis.DPMSolverPP(order=3), rtol=TOL, atol=TOL, max_steps=1024)
+    ad23 = jadeis.Adaptive(
+        jadeis.SinglestepDPMSolver(order=3), rtol=TOL, atol=TOL, max_steps=1024
     )
-    for name, adj in zip(GRAD_CASES, adjoints):
-        compiled, seconds, _ = C.compile_timed(grad_fn(adj), (gp, gx, gz))
+
+    fns, fargs, compile_s = {}, {}, {}
+    for name, solver, grid in zip(
+        SAMPLE_CASES, (jadeis.DDIM(), solver2, ad3, ad23), (ts, ts, ends, ends)
+    ):
+        fn = sample_fn(solver)
+        wall, _ = C.timed_call(fn, sp, sx, grid)  # first call: trace + compile + run
+        fns[name], fargs[name], compile_s[name] = fn, (sp, sx, grid), wall
+    grads = (
+        grad_fn(jadeis.DiscreteAdjoint()),
+        grad_fn(jadeis.AdjointDEIS(order=2)),
+        grad_fn(jadeis.AdjointDEIS(order=2, trajectory="reconstruct")),
+        grad_fn(jadeis.Backprop()),
+        grad_fn(jadeis.DiscreteAdjoint(), ad3, ends),
+        grad_fn(jadeis.DiscreteAdjoint(), ad23, ends),
+    )
+    for name, fn in zip(GRAD_CASES, grads):
+        compiled, seconds, _ = C.compile_timed(fn, (gp, gx, gz))
         fns[name], fargs[name], compile_s[name] = compiled, (gp, gx, gz), seconds
 
     calls = {n: C.calls_per_batch(fns[n], fargs[n], args.min_batch_s) for n in CASES}
