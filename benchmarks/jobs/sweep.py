@@ -22,16 +22,21 @@ log = C.log
 FWD_NS = (64, 256)  # forward sampling is timed at these N (and at every tolerance)
 XT_ONLY_AT = (64, 1e-5)  # settings at which the dL/dx_T-only gradient is timed too
 STOP_ERR = 2e-4  # a method's sweep stops once its gradient error is below this
+# (problem, method, last setting run or None) of every sweep a wall-clock deadline stopped
+BUDGET_STOPS: list = []
 
 
-def methods_for(problem_name, all_ms, *, quick, selector=None):
+def methods_for(problem_name, all_ms, *, quick, selector=None, gpu_quick=False):
     """The methods swept on one problem: ``selector`` (tags) if given; else unet: the
-    "unet" ones (its model calls cost ~1000x the mixture's); quick: the "quick" ones;
-    digits: "quick" and "grid"; otherwise all. Gaussian: only "gaussian"."""
+    "unet" ones (its model calls cost ~1000x the mixture's); gpu_quick: the "gpu-quick"
+    ones; quick: the "quick" ones; digits: "quick" and "grid"; otherwise all. Gaussian:
+    only "gaussian" (gpu_quick: "gpu-quick")."""
     if selector is not None:
         ms = M.select(all_ms, selector)
     elif problem_name == "unet":
         ms = M.select(all_ms, "unet")
+    elif gpu_quick:
+        return M.select(all_ms, "gpu-quick")
     elif quick:
         ms = M.select(all_ms, "quick")
     elif problem_name == "digits":
@@ -57,7 +62,12 @@ def reference_rows(problems):
     ]
 
 
-def settings_for(method, quick: bool, problem_name: str = ""):
+def settings_for(method, quick: bool, problem_name: str = "", gpu_quick: bool = False):
+    if problem_name == "unet" and gpu_quick:
+        # on a GPU the unet's steps are cheap: far enough for diffrax Heun to reach 1e-3
+        return [1e-3, 1e-4] if method.variable == "tol" else [8, 16, 32, 64, 128]
+    if gpu_quick:
+        quick = False  # the full settings; the wall-clock deadline bounds the sweep
     if problem_name == "unet":
         # ~0.4 s per step of a gradient on 2 CPU cores, 8x a lone VJP (XLA CPU runs the
         # weight-gradient convolutions of dL/dparams much slower inside the sampler's loop);
@@ -100,23 +110,108 @@ def count_diffrax(problem, method, extra):
     return counter.evals, counter.vjps
 
 
-def sweep_problem(problem, ms, *, quick, reps, time_budget_s):
+def _past(deadline, problem, method, setting_done):
+    """True (and logged, and recorded in BUDGET_STOPS) once ``deadline`` has passed."""
+    if deadline is None or time.perf_counter() < deadline:
+        return False
+    log(f"    {method.name}: wall-clock share of the budget spent; stopping")
+    BUDGET_STOPS.append((problem.name, method.name, setting_done))
+    return True
+
+
+def _share(deadline, methods_left):
+    """A method's deadline: an equal share of the time left before ``deadline``."""
+    if deadline is None:
+        return None
+    left = max(0.0, deadline - time.perf_counter())
+    return time.perf_counter() + left / max(1, methods_left)
+
+
+def sweep_measured(problem, method, *, quick, reps, time_budget_s, deadline=None,
+                   gpu_quick=False):
+    """The sweep of a method with its own ``measure`` (gradsolve: a host-side record between
+    compiled calls): the same settings, stopping rules and row columns as the others, plus
+    the method's own columns (record / replay times, the public API's time)."""
+    from peers import gradsolve_peer  # noqa: PLC0415
+
+    if method.family == "gradsolve" and gradsolve_peer.available() is None:
+        log(f"    {method.name}: gradsolve is not installed (pip install gradsolve); skipped")
+        return []
+    rows = []
+    run_time = 0.0
+    done = None
+    for setting in settings_for(method, quick, problem.name, gpu_quick):
+        if _past(deadline, problem, method, done):
+            break
+        done = setting
+        try:
+            m = method.measure(problem, setting, reps, quick or gpu_quick)
+        except Exception as e:  # noqa: BLE001 - e.g. max_steps exhausted while recording
+            log(f"    {method.name} {setting}: failed ({type(e).__name__}: {str(e)[:120]})")
+            continue
+        # charged like the other methods: the timed gradient, its x_T-only form and the
+        # forward pass over the repeats (not gradsolve's extra record/replay/public timings)
+        run_time += (reps + 2) * (m["t_grad_s"] + m["t_grad_xT_s"] + m["t_fwd_s"])
+        row = {
+            "problem": problem.name,
+            "method": method.name,
+            "family": method.family,
+            "variable": method.variable,
+            "setting": setting,
+            **m,
+            "grad_over_fwd": m["t_grad_s"] / m["t_fwd_s"],
+            "grad_xT_over_fwd": m["t_grad_xT_s"] / m["t_fwd_s"],
+            "peak_rss_mb": C.peak_rss_mb(),
+        }
+        rows.append(row)
+        log(
+            f"    {method.name:42s} {method.variable}={setting:<8g} steps={row['steps']:<6d} "
+            f"err x0 {row['err_x0']:.1e} grad {row['err_grad']:.1e}  "
+            f"t_grad {row['t_grad_s'] * 1e3:8.2f} ms (replay {row['t_replay_s'] * 1e3:.2f}, "
+            f"x_T only {row['t_grad_xT_s'] * 1e3:.2f})  compile {row['compile_grad_s']:5.1f}s  "
+            f"evals {row['evals']} vjps {row['vjps']}"
+        )
+        if row["err_grad"] < STOP_ERR:
+            break
+        if run_time > time_budget_s:
+            log(f"    {method.name}: run-time budget of {time_budget_s:.0f}s spent; stopping")
+            break
+    return rows
+
+
+def sweep_problem(problem, ms, *, quick, reps, time_budget_s, xT_all=False, deadline=None,
+                  gpu_quick=False):
+    """Every method of ``ms`` on ``problem``. ``xT_all``: time the dL/dx_T-only gradient (the
+    guidance case) at every setting, not only at ``XT_ONLY_AT``. ``deadline`` (a
+    ``time.perf_counter()`` value): each method gets an equal share of the time left and
+    stops at the first setting past it."""
     rows = []
     fwd_cache = {}
     per_step_counts = {}
     ref = problem.reference
     args0 = (problem.x_T, problem.z, problem.params)
-    for method0 in ms:
+    for k, method0 in enumerate(ms):
+        m_deadline = _share(deadline, len(ms) - k)
+        if method0.measure is not None:
+            rows += sweep_measured(
+                problem, method0, quick=quick, reps=reps, time_budget_s=time_budget_s,
+                deadline=m_deadline, gpu_quick=gpu_quick,
+            )
+            continue
         method = method0
         fwd, grad = method.make(problem)
         run_time = 0.0  # seconds spent running (compilation excluded) for the budget
         compiled_grad = None
         compiled_fwd = None
         compiled_gx = None
-        settings = settings_for(method, quick, problem.name)
+        settings = settings_for(method, quick, problem.name, gpu_quick)
         if method.spacing == "learned":
             settings = learned_settings(method, problem.name, settings)
+        done = None
         for setting in settings:
+            if _past(m_deadline, problem, method0, done):
+                break
+            done = setting
             if method0.static_setting:
                 # the setting is part of the compiled function: bind it, recompile
                 make = functools.partial(method0.make, tol=setting)
@@ -162,7 +257,8 @@ def sweep_problem(problem, ms, *, quick, reps, time_budget_s):
                 fwd_cache[fkey] = (C.time_call(compiled_fwd, args, reps), temp_fwd)
             t_fwd, temp_fwd = fwd_cache.get(fkey, (float("nan"), -1))
             t_grad_xT = float("nan")
-            if setting in XT_ONLY_AT and problem.name != "unet":  # guidance: only dL/dx_T
+            # guidance: only dL/dx_T
+            if (setting in XT_ONLY_AT or xT_all) and problem.name != "unet":
                 _, grad_x = method.make(problem, xT_only=True)
                 if method.variable == "N" or compiled_gx is None:
                     compiled_gx = C.compile_timed(grad_x, args)[0]
