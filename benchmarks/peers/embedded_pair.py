@@ -488,7 +488,7 @@ def main(argv=None):
             rows += sweep(with_inputs(p, seed), tols, log=C.log, released=seed == 0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    C.write_csv(out / f"{args.name}.csv", rows)
+    C.write_csv(out / f"{args.name}.csv", rows, float_format=".6g")
     info = C.machine_info()
     text = checks(rows) + "\n" + tables(rows)
     text += "\n" + pooled(rows)
