@@ -72,8 +72,8 @@ def parse_args(argv=None):
         type=float,
         default=None,
         help="wall-clock budget of the whole run in seconds (--gpu-quick: 270 by default); "
-        "each problem, and within it each method, gets an equal share of what is left, and "
-        "a sweep stops at the first setting past its share",
+        "each problem gets an equal share of what is left; within it the methods run one "
+        "setting each in turn (cheapest first) until the share is spent",
     )
     ap.add_argument(
         "--problems", default=None, help="comma-separated: gaussian,mixture,mlp,digits,unet"

@@ -54,15 +54,30 @@ def test_gpu_quick_runs_on_cpu(tmp_path):
     assert len(rows) >= 2 and "scan DPM++(2M) + checkpoint" in rows[1]
 
 
-def test_budget_stops_a_sweep():
+def test_budget_runs_methods_in_turn_and_stops_them():
+    import time
+
     class Prob:
         name = "p"
 
     class Meth:
-        name = "m"
+        def __init__(self, name):
+            self.name = name
 
+    def gen(name, n):
+        for k in range(n):
+            yield {"method": name, "setting": k}
+
+    a, b = Meth("a"), Meth("b")
+    rows = sweep._run(Prob, [(a, gen("a", 2)), (b, gen("b", 3))], None)
+    assert [(r["method"], r["setting"]) for r in rows] == [
+        ("a", 0), ("a", 1), ("b", 0), ("b", 1), ("b", 2)
+    ]  # no budget: method after method, as before
+    rows = sweep._run(Prob, [(a, gen("a", 2)), (b, gen("b", 3))], time.perf_counter() + 60)
+    assert [(r["method"], r["setting"]) for r in rows] == [
+        ("a", 0), ("b", 0), ("a", 1), ("b", 1), ("b", 2)
+    ]  # a budget: one setting of each in turn
     sweep.BUDGET_STOPS.clear()
-    assert not sweep._past(None, Prob, Meth, None)
-    assert sweep._past(0.0, Prob, Meth, 16)  # a deadline in the past
-    assert sweep.BUDGET_STOPS == [("p", "m", 16)]
+    assert sweep._run(Prob, [(a, gen("a", 2)), (b, gen("b", 3))], 0.0) == []
+    assert sweep.BUDGET_STOPS == [("p", "a", None), ("p", "b", None)]
     sweep.BUDGET_STOPS.clear()

@@ -367,8 +367,9 @@ def write_summary(out, info, rows, mem_rows, e2e_rows, ref_rows, compile_rows=()
         )
         md += [
             f"Wall-clock budget: {float(info['budget_s']):.0f} s for the whole run (each "
-            "problem, then each of its methods, an equal share of what was left; a sweep stops "
-            "at the first setting past its share). Sweeps it stopped: "
+            "problem an equal share of what was left; within it the methods ran one setting "
+            "each in turn, so every method got as far as the share allowed). Sweeps it stopped "
+            "(problem, method, last setting run): "
             + (stxt if stxt else "none") + ".",
             "",
         ]
