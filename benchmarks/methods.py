@@ -1,4 +1,5 @@
-"""Gradient methods under test: jadeis, diffrax (in t and in rho = sigma/alpha), hand-written scan.
+"""Gradient methods under test: jadeis, diffrax (in t and in rho = sigma/alpha), hand-written
+scan, and gradsolve's record-and-replay Tsit5 (``peers/gradsolve_peer.py``).
 
 Every method builds, for a problem and a setting (step count N or tolerance), two functions of
 ``(x_T, z, params, extra)`` where ``extra`` is the time grid ``ts`` (fixed-grid methods) or the
@@ -87,6 +88,10 @@ class Method:
     # compilation per setting (jadeis.Adaptive's tolerances are part of the solver)
     static_setting: bool = False
     stages: int = 0  # model evaluations per attempted step (adaptive jadeis methods)
+    # a method whose gradient is not one jit-compilable function (gradsolve records its step
+    # mesh with host code between compiled calls): measure(problem, setting, reps, quick)
+    # -> the sweep row's measured columns; ``make`` is then unused (it raises)
+    measure: Callable | None = None
 
 
 # ----------------------------------------------------------------------------------------
@@ -106,6 +111,8 @@ class Method:
 #   compile-quick  the --quick cold-compile table
 #   memory, memory-quick      the memory-vs-N job (full, --quick)
 #   e2e, e2e-quick            the end-to-end Adam job (full, --quick)
+#   gpu-quick      the --gpu-quick sweep of the headline problems (the unet: "unet"): the
+#                  methods that won or came close in a headline cell of a full run
 
 
 def parse_selector(spec) -> list[tuple[frozenset, frozenset]]:
@@ -338,6 +345,41 @@ def diffrax_fixed(name, variable, solver, stages, tags=()):
     )
 
 
+def gradsolve_tsit5(name, tags=()):
+    """gradsolve's general record-and-replay path (``engine="tsit5_replay"``) on the
+    probability-flow ODE in t, rtol = atol = tol: one adaptive Tsit5 step sequence recorded
+    per trajectory, then replayed as a ``lax.scan`` and differentiated. Its record is host
+    code between compiled calls, so the sweep calls ``measure`` (``peers/gradsolve_peer.py``)
+    instead of compiling ``make``; the row's ``t_grad_s`` is record + replay (a guidance loop
+    records again every iteration), ``t_replay_s`` the replay alone."""
+
+    def make(problem, eps_fn=None, xT_only=False):
+        raise TypeError(
+            f"{name}: gradsolve records its step mesh with host code, so its gradient is not "
+            "one jit-compilable function; the sweep calls Method.measure instead"
+        )
+
+    def measure(problem, setting, reps, quick=False):
+        from peers import gradsolve_peer  # noqa: PLC0415 - gradsolve is optional
+
+        return gradsolve_peer.measure(problem, float(setting), reps,
+                                      public_reps=1 if quick else 2)
+
+    return Method(
+        name,
+        "gradsolve",
+        "tol",
+        make,
+        None,
+        "gradsolve Tsit5 t",
+        "gradsolve.grad_closure(engine='tsit5_replay'): Tsit5 mesh recorded per trajectory "
+        "(rtol=atol=tol), replayed by lax.scan and differentiated; params replicated per "
+        "trajectory for dL/dparams; counts from gradsolve's step counts",
+        tags=frozenset({"gradsolve", "adaptive", "tsit5", "t", "replay", *tags}),
+        measure=measure,
+    )
+
+
 def scan_dpmpp2m(name, checkpoint, tags=()):
     """A hand-written DPM-Solver++(2M) (first step order 1) in lax.scan, plain reverse mode."""
 
@@ -473,8 +515,8 @@ def all_methods() -> list[Method]:
         )
     # grids learned once per problem, sampler and N by benchmarks/grids.py (held-out x_T)
     for label, solver, key, roles in (
-        ("DPM++(3M)", jadeis.DPMSolverPP(order=3), "dpmpp3", ()),
-        ("UniPC(3)", jadeis.UniPC(order=3), "unipc3", ("quick", "unet")),
+        ("DPM++(3M)", jadeis.DPMSolverPP(order=3), "dpmpp3", ("gpu-quick",)),
+        ("UniPC(3)", jadeis.UniPC(order=3), "unipc3", ("quick", "unet", "gpu-quick")),
     ):
         ms.append(
             jadeis_method(
@@ -497,7 +539,7 @@ def all_methods() -> list[Method]:
             jadeis.Backprop(),
             lambda n: (n, n),
             "jax.grad through the sampler's scan",
-            tags=("backprop", "dpmpp3", "quick", "memory", "memory-quick", "e2e"),
+            tags=("backprop", "dpmpp3", "quick", "memory", "memory-quick", "e2e", "gpu-quick"),
         )
     )
     ms.append(
@@ -523,7 +565,7 @@ def all_methods() -> list[Method]:
                 tags=("discrete", "dpmpp3", "ms", *(("pi",) if label else ()), *roles),
             )
         )
-    for order, roles in ((3, ()), (2, ("redundant",))):
+    for order, roles in ((3, ("gpu-quick",)), (2, ("redundant",))):
         ms.append(
             jadeis_adaptive(
                 f"Adaptive DPM-Solver-{order - 1}{order} (data)",
@@ -556,9 +598,9 @@ def all_methods() -> list[Method]:
         )
     )
     adaptive_roles = {
-        ("t", "backsolve"): ("quick", "e2e"),
+        ("t", "backsolve"): ("quick", "e2e", "gpu-quick"),
         # not on the unet: at tol 1e-3..1e-4 its 6 stages per step cost ~5 minutes there
-        ("t", "recursive"): ("quick", "e2e", "e2e-quick"),
+        ("t", "recursive"): ("quick", "e2e", "e2e-quick", "gpu-quick"),
         ("rho", "recursive"): ("gaussian",),
     }
     for var in ("t", "rho"):
@@ -575,14 +617,22 @@ def all_methods() -> list[Method]:
         # Euler in t is first order: it never reaches 1e-2
         euler_roles = ("redundant",) if var == "t" else ()
         ms.append(diffrax_fixed(f"diffrax Euler ({var})", var, dfx.Euler(), 1, tags=euler_roles))
-        heun_roles = ("quick", "compile-quick", "memory", "unet") if var == "rho" else ()
+        heun_roles = (
+            ("quick", "compile-quick", "memory", "unet", "gpu-quick") if var == "rho"
+            else ("gpu-quick",)
+        )
         ms.append(diffrax_fixed(f"diffrax Heun ({var})", var, dfx.Heun(), 2, tags=heun_roles))
+    # gradsolve (PyPI; optional): on the quick problems too, not on the unet by default
+    # (Tsit5's 7 stages per replayed step on ~0.1 s model calls; select it with --methods)
+    ms.append(
+        gradsolve_tsit5("gradsolve Tsit5 record+replay (t)", tags=("quick", "gpu-quick"))
+    )
     ms.append(scan_dpmpp2m("scan DPM++(2M)", checkpoint=False, tags=("memory",)))
     ms.append(
         scan_dpmpp2m(
             "scan DPM++(2M) + checkpoint",
             checkpoint=True,
-            tags=("quick", "gaussian", "memory", "memory-quick", "e2e", "unet"),
+            tags=("quick", "gaussian", "memory", "memory-quick", "e2e", "unet", "gpu-quick"),
         )
     )
     return ms

@@ -1,6 +1,9 @@
 """Run the jadeis benchmark suite: ``python benchmarks/run.py`` (full: ~25-35 min on 2 cores,
-of which ~10 the unet, whose gradients cost 3-15 s each there) or
-``python benchmarks/run.py --quick`` (a few minutes; the unet only on a GPU).
+of which ~10 the unet, whose gradients cost 3-15 s each there),
+``python benchmarks/run.py --quick`` (a few minutes; the unet only on a GPU) or
+``python benchmarks/run.py --gpu-quick`` (the headline cells, the conv U-Net included, within
+a wall-clock budget, default 270 s; results in ``benchmarks/results/gpu-quick-<device>/``;
+``--budget-s 30`` tries it on a CPU).
 
 Writes to ``benchmarks/results/`` (``--quick``: ``benchmarks/results/quick/``): CSV files, a
 Markdown summary (``summary.md``), PNG plots and ``machine.json`` (machine and versions).
@@ -57,6 +60,22 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few-minute version")
     ap.add_argument(
+        "--gpu-quick",
+        action="store_true",
+        help="the headline cells (mixture, mlp, digits, unet at gradient errors 1e-2 and "
+        "1e-3) with the methods tagged 'gpu-quick' (the unet: those tagged 'unet'), sweep "
+        "and report only, within --budget-s of wall time; results in "
+        "benchmarks/results/gpu-quick-<device kind>/",
+    )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="wall-clock budget of the whole run in seconds (--gpu-quick: 270 by default); "
+        "each problem gets an equal share of what is left; within it the methods run one "
+        "setting each in turn (cheapest first) until the share is spent",
+    )
+    ap.add_argument(
         "--problems", default=None, help="comma-separated: gaussian,mixture,mlp,digits,unet"
     )
     ap.add_argument(
@@ -74,6 +93,12 @@ def parse_args(argv=None):
         "restricted to these",
     )
     ap.add_argument("--list-methods", action="store_true", help="print methods and tags, exit")
+    ap.add_argument(
+        "--guidance-timing",
+        action="store_true",
+        help="time the dL/dx_T-only gradient at every setting (the guidance table; "
+        "default: only at N=64 and tol=1e-5)",
+    )
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--no-cache", action="store_true", help="no persistent compilation cache")
@@ -88,7 +113,29 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+GPU_QUICK_PROBLEMS = "mixture,mlp,digits,unet"
+GPU_QUICK_BUDGET_S = 270.0
+
+
+def device_slug() -> str:
+    """The first JAX device's kind as a folder name (``NVIDIA H100 80GB HBM3`` ->
+    ``nvidia-h100-80gb-hbm3``; ``cpu`` on a CPU)."""
+    kind = getattr(jax.devices()[0], "device_kind", jax.default_backend())
+    slug = "".join(c if c.isalnum() else "-" for c in str(kind).lower())
+    return "-".join(p for p in slug.split("-") if p) or "unknown"
+
+
+def default_out(args) -> Path:
+    if args.out:
+        return Path(args.out)
+    if args.gpu_quick:
+        return HERE / "results" / f"gpu-quick-{device_slug()}"
+    return HERE / "results" / ("quick" if args.quick else "")
+
+
 def chosen_jobs(args):
+    if args.gpu_quick and args.jobs is None:
+        return {"sweep", "report"}
     jobs = set(JOBS if args.jobs is None else args.jobs.split(","))
     unknown = jobs - set(JOBS)
     if unknown:
@@ -97,7 +144,7 @@ def chosen_jobs(args):
         jobs.discard("memory")
     if args.no_e2e:
         jobs.discard("e2e")
-    if args.quick or args.no_grid_study:
+    if args.quick or args.gpu_quick or args.no_grid_study:
         jobs.discard("grid")
     return jobs
 
@@ -111,16 +158,23 @@ def main(argv=None):
     if args.summarize:
         return report.summarize(Path(args.summarize))
     t_start = time.time()
+    if args.gpu_quick and args.quick:
+        raise SystemExit("--gpu-quick and --quick are two different runs; choose one")
     jobs = chosen_jobs(args)
-    args.reps = args.reps or (3 if args.quick else 5)
+    args.reps = args.reps or (3 if (args.quick or args.gpu_quick) else 5)
+    if args.gpu_quick and args.budget_s is None:
+        args.budget_s = GPU_QUICK_BUDGET_S
+    deadline = None if args.budget_s is None else time.perf_counter() + args.budget_s
     if not args.no_cache:
         # XLA's persistent compilation cache: a second run skips most compilation (the
         # cold compile times are measured separately, with the cache off)
         jax.config.update("jax_compilation_cache_dir", str(HERE / ".cache" / "xla"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    out = Path(args.out) if args.out else HERE / "results" / ("quick" if args.quick else "")
+    out = default_out(args)
     out.mkdir(parents=True, exist_ok=True)
-    if args.quick:
+    if args.gpu_quick:
+        default = GPU_QUICK_PROBLEMS
+    elif args.quick:
         # the unet only where its model calls are cheap (a GPU): ~0.1 s each on 2 CPU cores
         default = "gaussian,mixture,mlp" + (",unet" if jax.default_backend() != "cpu" else "")
     else:
@@ -134,7 +188,9 @@ def main(argv=None):
         grids.main(["--problems", ",".join(learnable)])
     info = C.machine_info(
         t_start,
-        mode="quick" if args.quick else "full",
+        mode="gpu-quick" if args.gpu_quick else ("quick" if args.quick else "full"),
+        device_kind=str(getattr(jax.devices()[0], "device_kind", "")),
+        budget_s=args.budget_s,
         dtype="float64",
         repeats=args.reps,
         jobs=sorted(jobs),
@@ -153,8 +209,10 @@ def main(argv=None):
 
     rows = []
     if "sweep" in jobs:
-        for p in problems:
-            ms = sweep.methods_for(p.name, all_ms, quick=args.quick, selector=args.methods)
+        for i, p in enumerate(problems):
+            ms = sweep.methods_for(
+                p.name, all_ms, quick=args.quick, selector=args.methods, gpu_quick=args.gpu_quick
+            )
             log(f"sweep {p.name}: {p.description}")
             budget = 10.0 if args.quick else 30.0
             reps = args.reps
@@ -162,7 +220,15 @@ def main(argv=None):
                 # a gradient step costs ~0.4 s on 2 CPU cores (3.3 s per gradient at N = 8):
                 # fewer repeats, and a budget that still reaches N = 32 (the 1e-3 cell)
                 reps, budget = min(reps, 2), (20.0 if args.quick else 60.0)
-            rows += sweep.sweep_problem(p, ms, quick=args.quick, reps=reps, time_budget_s=budget)
+            p_deadline = None
+            if deadline is not None:
+                # an equal share of the wall time left for each problem still to sweep
+                left = max(0.0, deadline - time.perf_counter())
+                p_deadline = time.perf_counter() + left / (len(problems) - i)
+            rows += sweep.sweep_problem(
+                p, ms, quick=args.quick, reps=reps, time_budget_s=budget,
+                xT_all=args.guidance_timing, deadline=p_deadline, gpu_quick=args.gpu_quick,
+            )
             C.write_csv(out / "sweep.csv", rows)
         ref_rows = sweep.reference_rows(problems)
         C.write_csv(out / "references.csv", ref_rows)
@@ -208,6 +274,8 @@ def main(argv=None):
         pnames = [c["problem"] for c in ref_rows]
         report.plots(rows, mem_rows, out, pnames)
         info["peak_rss_mb"] = C.peak_rss_mb()
+        if deadline is not None:
+            info["budget_stops"] = list(sweep.BUDGET_STOPS)
         info["total_seconds"] = time.time() - t_start
         info["load_average_at_end"] = C.load_average()
         (out / "machine.json").write_text(json.dumps(info, indent=1) + "\n")

@@ -18,47 +18,52 @@ read_csv = C.read_csv
 TARGET_EPS = (1e-2, 1e-3)  # the gradient errors of the headline table
 
 
-def time_at(rs, eps):
+def time_at(rs, eps, tkey="t_grad_s", ekey="err_grad"):
     """Wall time at which one method's error-vs-time front first reaches ``eps``.
 
     Log-log interpolation between the last front point above ``eps`` and the first at or
     below it (the step counts and tolerances are a factor ~2-10 apart). Returns
-    ``(seconds, first row reaching eps)`` or None."""
-    pts = sorted(rs, key=lambda r: r["t_grad_s"])
+    ``(seconds, first row reaching eps)`` or None. ``tkey``/``ekey``: the time and error
+    columns (default: the full gradient; ``"t_grad_xT_s"``/``"err_xT"``: dL/dx_T only)."""
+    pts = sorted((r for r in rs if _finite(r.get(tkey))), key=lambda r: r[tkey])
     front, best = [], float("inf")
     for r in pts:
-        if r["err_grad"] < best:
+        if r[ekey] < best:
             front.append(r)
-            best = r["err_grad"]
+            best = r[ekey]
     for i, r in enumerate(front):
-        if r["err_grad"] <= eps:
+        if r[ekey] <= eps:
             if i == 0:
-                return r["t_grad_s"], r
+                return r[tkey], r
             q = front[i - 1]
-            le, l0, l1 = math.log(eps), math.log(q["err_grad"]), math.log(r["err_grad"])
+            le, l0, l1 = math.log(eps), math.log(q[ekey]), math.log(r[ekey])
             w = (le - l0) / (l1 - l0)
-            t = math.exp((1 - w) * math.log(q["t_grad_s"]) + w * math.log(r["t_grad_s"]))
+            t = math.exp((1 - w) * math.log(q[tkey]) + w * math.log(r[tkey]))
             return t, r
     return None
 
 
-def best_time(rows, family, eps, problem):
+def best_time(rows, family, eps, problem, tkey="t_grad_s", ekey="err_grad"):
     """The method of ``family`` with the smallest interpolated time to gradient error ``eps``."""
     best = None
     names = sorted({r["method"] for r in rows if r["family"] == family and r["problem"] == problem})
     for name in names:
         rs = [r for r in rows if r["method"] == name and r["problem"] == problem]
-        got = time_at(rs, eps)
+        got = time_at(rs, eps, tkey, ekey)
         if got is not None and (best is None or got[0] < best[0]):
             best = got
     return best
 
 
-def fmt_cfg(got):
+def _ran(rows, family, problem):
+    return any(r["family"] == family and r["problem"] == problem for r in rows)
+
+
+def fmt_cfg(got, ran=True):
     """``time (method; setting; NFE evals+VJPs)`` of the first configuration reaching the
     target (the time is interpolated, the NFE that of that configuration)."""
     if got is None:
-        return "not reached"
+        return "not reached" if ran else "not run"
     t, r = got
     s = f"N={r['setting']}" if r["variable"] == "N" else f"tol={r['setting']:g}, {r['steps']} steps"
     nfe = f"NFE {int(r['evals']) + int(r['vjps'])} = {int(r['evals'])}+{int(r['vjps'])}"
@@ -98,8 +103,9 @@ def grad_fwd_cell(rows, got, problem):
 def headline(rows, problems):
     lines = [
         "| problem | grad. error | jadeis best | its grad/fwd time (floor) | diffrax best "
-        "| hand-written scan best | jadeis / diffrax |",
-        "|---|---|---|---|---|---|---|",
+        "| hand-written scan best | gradsolve best (record + replay) | jadeis / diffrax "
+        "| jadeis / gradsolve |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     verdicts = []
     for p in problems:
@@ -107,14 +113,60 @@ def headline(rows, problems):
             j = best_time(rows, "jadeis", eps, p)
             d = best_time(rows, "diffrax", eps, p)
             s = best_time(rows, "scan", eps, p)
+            g = best_time(rows, "gradsolve", eps, p)
             ratio = j[0] / d[0] if (j and d) else float("nan")
             rtxt = "n/a" if math.isnan(ratio) else f"{ratio:.2f}"
+            gtxt = f"{j[0] / g[0]:.2f}" if (j and g) else "n/a"
             lines.append(
                 f"| {p} | {eps:g} | {fmt_cfg(j)} | {grad_fwd_cell(rows, j, p)} | {fmt_cfg(d)} "
-                f"| {fmt_cfg(s)} | {rtxt} |"
+                f"| {fmt_cfg(s)} | {fmt_cfg(g, _ran(rows, 'gradsolve', p))} | {rtxt} | {gtxt} |"
             )
             verdicts.append((p, eps, ratio))
     return "\n".join(lines), verdicts
+
+
+def guidance_headline(rows, problems):
+    """Time per dL/dx_T-only gradient (the guidance case) at equal error of dL/dx_T, per
+    family; empty when no gradsolve rows exist (the table is for comparing with it)."""
+    if not any(r["family"] == "gradsolve" for r in rows):
+        return ""
+    fams = ("jadeis", "diffrax", "scan", "gradsolve")
+    lines = [
+        "| problem | error of dL/dx_T | " + " | ".join(f"{f} best" for f in fams)
+        + " | jadeis / gradsolve |",
+        "|---|---|" + "---|" * (len(fams) + 1),
+    ]
+    for p in problems:
+        for eps in TARGET_EPS:
+            got = {f: best_time(rows, f, eps, p, "t_grad_xT_s", "err_xT") for f in fams}
+            cells = [fmt_cfg(got[f], _ran(rows, f, p)) for f in fams]
+            j, g = got["jadeis"], got["gradsolve"]
+            ratio = f"{j[0] / g[0]:.2f}" if (j and g) else "n/a"
+            lines.append(f"| {p} | {eps:g} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(lines)
+
+
+def gradsolve_table(rows, problem):
+    """gradsolve's own columns: record, replay, record + replay, the public API."""
+    rs = [r for r in rows if r["problem"] == problem and r["family"] == "gradsolve"]
+    if not rs:
+        return ""
+    head = ["tol", "steps S (mean; rejected max)", "err grad", "err dL/dx_T",
+            "record (ms)", "replay (ms)", "record+replay (ms)", "x_T only: replay (ms)",
+            "x_T only: record+replay (ms)", "x_T only: public API, per iteration (ms)",
+            "NFE evals+VJPs"]
+    body = []
+    for r in rs:
+        body.append([
+            f"{r['setting']:g}",
+            f"{r['steps']} ({float(r['steps_mean']):.1f}; {r['rejected_max']})",
+            f"{r['err_grad']:.1e}", f"{r['err_xT']:.1e}",
+            f"{1e3 * r['t_record_s']:.1f}", f"{1e3 * r['t_replay_s']:.1f}",
+            f"{1e3 * r['t_grad_s']:.1f}", f"{1e3 * r['t_replay_xT_s']:.1f}",
+            f"{1e3 * r['t_grad_xT_s']:.1f}", f"{1e3 * r['t_public_xT_s']:.0f}",
+            f"{int(r['evals']) + int(r['vjps'])} = {r['evals']}+{r['vjps']}",
+        ])
+    return "\n".join(C.md_table(head, body))
 
 
 def method_table(rows, problem):
@@ -195,7 +247,7 @@ def plots(rows, mem_rows, out: Path, problems):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    styles = {"jadeis": "-", "diffrax": "--", "scan": ":"}
+    styles = {"jadeis": "-", "diffrax": "--", "scan": ":", "gradsolve": "-."}
     for p in problems:
         rs = [r for r in rows if r["problem"] == p]
         names = []
@@ -208,7 +260,8 @@ def plots(rows, mem_rows, out: Path, problems):
         ):
             fig, ax = plt.subplots(figsize=(9, 6))
             fam = {n: next(r["family"] for r in rs if r["method"] == n) for n in names}
-            maps = {"jadeis": "Blues", "diffrax": "Oranges", "scan": "Greens"}
+            maps = {"jadeis": "Blues", "diffrax": "Oranges", "scan": "Greens",
+                    "gradsolve": "Purples"}
             colour = {}
             for f, cm in maps.items():
                 members = [n for n in names if fam[n] == f]
@@ -231,7 +284,8 @@ def plots(rows, mem_rows, out: Path, problems):
             ax.set_ylim(top=10.0)  # AdjointDEIS at small N reaches 1e6: clip to keep detail
             ax.set_xlabel(xlabel)
             ax.set_ylabel("relative error of the gradient (max over dL/dx_T, dL/dz, dL/dparams)")
-            ax.set_title(f"{p}: solid = jadeis, dashed = diffrax, dotted = hand-written scan")
+            ax.set_title(f"{p}: solid = jadeis, dashed = diffrax, dotted = hand-written scan, "
+                         "dash-dot = gradsolve", fontsize=9)
             ax.legend(fontsize=7, ncol=2)
             fig.tight_layout()
             fig.savefig(out / fname, dpi=110)
@@ -304,6 +358,22 @@ def write_summary(out, info, rows, mem_rows, e2e_rows, ref_rows, compile_rows=()
         f"{info['load_average_at_end']}. Times are medians of {info['repeats']} repeats after "
         f"warm-up (compile time separate).",
         "",
+    ]
+    if info.get("budget_s"):
+        stops = info.get("budget_stops") or []
+        stxt = "; ".join(
+            f"{p} {m} (after {'no setting' if last in (None, '') else last})"
+            for p, m, last in stops
+        )
+        md += [
+            f"Wall-clock budget: {float(info['budget_s']):.0f} s for the whole run (each "
+            "problem an equal share of what was left; within it the methods ran one setting "
+            "each in turn, so every method got as far as the share allowed). Sweeps it stopped "
+            "(problem, method, last setting run): "
+            + (stxt if stxt else "none") + ".",
+            "",
+        ]
+    md += [
         "## Headline: wall time per gradient at equal gradient accuracy",
         "",
         head,
@@ -324,6 +394,23 @@ def write_summary(out, info, rows, mem_rows, e2e_rows, ref_rows, compile_rows=()
             for p, e, r in verdicts
         ),
         "",
+    ]
+    guide = guidance_headline(rows, stiff)
+    if guide:
+        md += [
+            "## Guidance: wall time per dL/dx_T-only gradient at equal error of dL/dx_T",
+            "",
+            guide,
+            "",
+            "gradsolve: record + replay of its Tsit5 mesh, one mesh per trajectory, recorded "
+            "again for every gradient (a guidance loop moves x_T every iteration); its "
+            "parameters are the samples' z, the model's weights constants. The other methods' "
+            "dL/dx_T-only gradient is timed at every setting only with `run.py "
+            "--guidance-timing`; otherwise only at N = 64 and tol = 1e-5, so their entries "
+            "here are then upper bounds.",
+            "",
+        ]
+    md += [
         "## References",
         "",
         "| problem | reference | rel. diff. x0 | rel. diff. grads |",
@@ -338,6 +425,21 @@ def write_summary(out, info, rows, mem_rows, e2e_rows, ref_rows, compile_rows=()
         name = c["problem"]
         md += ["", f"## {name}: {c['description']}", "", method_table(rows, name), ""]
         md.append(f"![pareto](pareto_{name}.png) ![evals](evals_{name}.png)")
+        gs = gradsolve_table(rows, name)
+        if gs:
+            md += [
+                "",
+                f"gradsolve on {name} (`benchmarks/peers/gradsolve_peer.py`): record = its "
+                "adaptive Tsit5 solve that records the steps (also the forward time above); "
+                "replay = the gradient by replaying the recorded steps, compiled once; "
+                "record+replay = both, per gradient (the headline's time); public API = "
+                "`grad_closure(wrt=\"y0\")` + `jax.jit(jax.grad(...))` of the new closure per "
+                "iteration, compilation included (the closure bakes the steps in). The full "
+                "gradient replicates the model's parameters per trajectory (gradsolve's "
+                "parameters are per-trajectory vectors).",
+                "",
+                gs,
+            ]
     learned = learned_table(rows)
     if learned:
         md += [
