@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The headline cells on a GPU in one command (issue 19, item 5):
+# The headline cells on a GPU in one command:
 #
 #   bash benchmarks/gpu_quick.sh [run.py options, e.g. --budget-s 240]
 #

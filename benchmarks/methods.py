@@ -198,24 +198,26 @@ def jadeis_method(name, solver, adjoint, counts, note="", spacing="logsnr", tags
 
 def jadeis_adaptive(name, inner, adjoint, pid=(0.0, 1.0, 0.0), max_steps=1024, note="",
                     tags=()):
-    """jadeis.Adaptive(inner, rtol=atol=tol) from t_max to t_min; the tolerance is static
-    (one compilation per tolerance); evaluations and VJPs counted by instrumentation."""
+    """inner under jadeis.PIDController(rtol=atol=tol) from t_max to t_min; the tolerance is
+    static (one compilation per tolerance); evaluations and VJPs counted by instrumentation,
+    accepted steps from the run's jadeis.Stats."""
     pcoeff, icoeff, dcoeff = pid
 
     def make(problem, eps_fn=None, xT_only=False, tol=1e-3):
         eps_fn = problem.eps_fn if eps_fn is None else eps_fn
         sch = problem.schedule
-        solver = jadeis.Adaptive(
-            inner, rtol=float(tol), atol=float(tol), pcoeff=pcoeff, icoeff=icoeff,
+        controller = jadeis.PIDController(
+            rtol=float(tol), atol=float(tol), pcoeff=pcoeff, icoeff=icoeff,
             dcoeff=dcoeff, max_steps=max_steps,
         )
 
         def x0_fn(x_T, z, params, extra, adj=adjoint):
             ends = jnp.asarray([sch.t_max, sch.t_min], x_T.dtype)
-            x0 = jadeis.sample(
-                eps_fn, params, x_T, z, schedule=sch, ts=ends, solver=solver, adjoint=adj
+            sol = jadeis.solve(
+                eps_fn, params, x_T, z, schedule=sch, ts=ends, solver=inner,
+                controller=controller, adjoint=adj,
             )
-            return x0, jnp.asarray(-1)  # accepted steps: not returned by sample
+            return sol.x_0, sol.stats.num_steps
 
         def fwd(x_T, z, params, extra):
             return x0_fn(x_T, z, params, extra)[0]
@@ -225,12 +227,7 @@ def jadeis_adaptive(name, inner, adjoint, pid=(0.0, 1.0, 0.0), max_steps=1024, n
     kind = type(inner).__name__
     key = f"jadeis Adaptive {kind}({inner.order}) {pid}"
     tags = frozenset({"jadeis", "adaptive", *tags})
-    if isinstance(inner, jadeis.SinglestepDPMSolver):
-        stages = inner.order
-    elif isinstance(inner, jadeis.Rex):
-        stages = 2 * len(jadeis._solver.rex._TABLEAUS[inner.scheme][2])
-    else:
-        stages = 1  # multistep: one evaluation per accepted step (approximate count)
+    stages = inner.evals_per_step  # model evaluations per attempted step
     return Method(
         name, "jadeis", "tol", make, None, key, note, tags=tags, static_setting=True,
         stages=stages,

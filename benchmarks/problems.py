@@ -8,7 +8,7 @@ float64 reference for x_0 and for the gradients dL/dx_T, dL/dz, dL/dparams.
    rtol = atol = 1e-10 differentiated by RecursiveCheckpointAdjoint), checked against each other.
 3. ``mlp``: a small conditional MLP noise model trained here on a mixture (cached on disk in
    ``benchmarks/.cache/``); reference as for the mixture.
-4. ``digits``: the bundled digits model of issue 5, when ``jadeis.digits`` provides one.
+4. ``digits``: the bundled digits model, when ``jadeis.digits`` provides one.
 5. ``unet``: a convolutional U-Net (``unet.py``, flax, ~2.3 M parameters, random weights in
    EDM preconditioning, float32 inside) on 32x32x3 images with a continuous conditioning
    vector. Reference: UniPC(3) with DiscreteAdjoint at N = 256, checked against
@@ -319,7 +319,7 @@ def mlp_problem(batch: int = 64, seed: int = 2, log=print) -> Problem:
 
 
 # ----------------------------------------------------------------------------------------
-# 4. The digits model of issue 5 (only if it exists)
+# 4. The bundled digits model (only if it exists)
 
 
 def digits_problem(batch: int = 4, seed: int = 3, log=print) -> Problem | None:
@@ -349,7 +349,7 @@ def digits_problem(batch: int = 4, seed: int = 3, log=print) -> Problem | None:
 
     return Problem(
         name="digits",
-        description=f"bundled digits denoiser (issue 5; residual MLP, {n_params} params, "
+        description=f"bundled digits denoiser (residual MLP, {n_params} params, "
         f"float32 inside), batch {batch} of 8x8",
         schedule=model.schedule,
         eps_fn=model.eps_fn,

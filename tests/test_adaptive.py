@@ -300,7 +300,8 @@ def test_adaptive_float32_and_pytree_state():
     out = jadeis.sample(eps_tree, S2, tree, MU, schedule=SCH, ts=ENDS, solver=solver)
     one = jadeis.sample(eps_gauss, S2, jnp.concatenate([X_T, 2.0 * X_T]), MU, schedule=SCH,
                         ts=ENDS, solver=solver)
-    np.testing.assert_allclose(jnp.concatenate([out["a"], out["b"]]), one, rtol=1e-12)
+    # (the same accepted grid; the error norm sums the leaves in another order)
+    np.testing.assert_allclose(jnp.concatenate([out["a"], out["b"]]), one, rtol=1e-9)
     g = jax.grad(lambda t: sum(jnp.sum(v**2) for v in jadeis.sample(
         eps_tree, S2, t, MU, schedule=SCH, ts=ENDS, solver=solver).values()))(tree)
     g1 = jax.grad(lambda t: jnp.sum(jadeis.sample(

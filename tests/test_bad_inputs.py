@@ -1,4 +1,4 @@
-"""Issue 13's unclear-error cases: each gives a clear error naming the argument and the fix
+"""Unclear-error cases: each gives a clear error naming the argument and the fix
 (or now works)."""
 
 from __future__ import annotations

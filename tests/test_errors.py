@@ -1,4 +1,4 @@
-"""Bad input gets a clear error naming the argument (issue 2), never a silent NaN.
+"""Bad input gets a clear error naming the argument, never a silent NaN.
 
 Static misuse raises ``ValueError`` while tracing; checks on traced values (the times in
 ``ts``, ``check_finite``) go through ``equinox.error_if`` and raise a ``RuntimeError``

@@ -1,4 +1,4 @@
-"""Learned time grids (issue 8 item 5): validity of every grid, loss decrease, held-out gain
+"""Learned time grids: validity of every grid, loss decrease, held-out gain
 over the initial grid, float32/float64, one compilation, and the argument errors."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Properties on random valid configurations (hypothesis; issue 13): every sampler on every
+"""Properties on random valid configurations (hypothesis): every sampler on every
 schedule, N in 1..12, float32/float64: finite, deterministic, jit == eager, vmap == loop,
 DiscreteAdjoint == Backprop (with respect to x_T and to the time grid ts).
 

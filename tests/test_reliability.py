@@ -1,6 +1,6 @@
-"""Issue 13 (reliability): bad inputs give a clear error or a correct result, never a silent
+"""Reliability: bad inputs give a clear error or a correct result, never a silent
 NaN; the CLI loses no files, writes its outputs as a set, and stops cleanly on Ctrl-C; weights
-are verified. Issue 11 item 1 (schedule part): every schedule accepts a low-precision ``t``."""
+are verified. Every schedule accepts a low-precision ``t``."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""Sampling with x_T sharded over devices (issue 2): same numbers as on one device, and the
+"""Sampling with x_T sharded over devices: same numbers as on one device, and the
 output stays sharded along the batch axis.
 
 Runs in a subprocess so that XLA can be given 4 host (CPU) devices without affecting the

@@ -1,4 +1,4 @@
-"""Sharding that really splits the work (issue 10).
+"""Sharding that really splits the work.
 
 Each test runs a script in a subprocess with host (CPU) devices forced by XLA_FLAGS, so the
 rest of the session keeps its single device:

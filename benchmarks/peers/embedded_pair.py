@@ -1,5 +1,5 @@
 """Model evaluations at equal error: jadeis' Adaptive(SinglestepDPMSolver(3)) vs dpm-solver's
-own adaptive solver, and a prototype of the fix (issue 19, item 4).
+own adaptive solver, and a prototype of the fix.
 
 ``python benchmarks/peers/embedded_pair.py [--problems mlp,mixture] [--tols 41]`` writes
 ``benchmarks/results/embedded_pair.csv`` and ``embedded_pair_tables.md`` (~15 minutes on one

@@ -1,4 +1,4 @@
-"""Model-parallel parameters (issue 10, item 2): a flax linen MLP whose weights are sharded
+"""Model-parallel parameters: a flax linen MLP whose weights are sharded
 along the "model" axis of a 2 x 2 (batch x model) mesh samples and differentiates with
 DiscreteAdjoint and AdjointDEIS; x_T is sharded along "batch". Checks: values equal the
 single-device ones; x_0 is sharded along "batch"; the parameter gradient comes back with

@@ -1,4 +1,4 @@
-"""Every entry point partitions the work over a batch-sharded x_T (issue 10, item 1).
+"""Every entry point partitions the work over a batch-sharded x_T.
 
 For each mesh construction given on the command line (``Mesh`` = ``Mesh(jax.devices(),
 ("batch",))``, ``make_mesh`` = ``jax.make_mesh`` with Auto axes, ``explicit`` = an
@@ -14,7 +14,7 @@ x_T (8, 5) and a batched z (8, 16) sharded along "batch" over 4 host devices:
 
 ``guide`` and ``learn_time_grid`` jit internally: their step programs are recorded by
 wrapping ``jax.jit`` while they run. A final canary (``eqx.error_if`` on the
-state, the bug of issue 10) must be caught by the same checks, which proves they work;
+state) must be caught by the same checks, which proves they work;
 XLA's warnings go to stderr, where the test looks for "Involuntary full rematerialization"
 before and after the marker CANARY.
 """

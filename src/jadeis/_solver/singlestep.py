@@ -135,7 +135,10 @@ class SinglestepDPMSolver(AbstractAdaptiveSolver):
         A = P_t * h * phi(1, sign * h)
         phi2 = P_t * h * phi(2, sign * h)
         B = phi2 / nodes[-1] if k > 1 else jnp.zeros_like(h)
-        B_low = phi2 / nodes[0] if k > 2 else jnp.zeros_like(h)
+        # the order-2 comparison solution through the first stage, in the form of Lu et al.'s
+        # reference implementation (its DPM-Solver-23 pair): A / (2 r_1) on (m_1 - m_s); its
+        # estimate also sees the slope of the model output (docs/math/adaptive.md (7.1b))
+        B_low = A / (2.0 * nodes[0]) if k > 2 else jnp.zeros_like(h)
 
         def cast(v):
             return jnp.asarray(v).astype(dtype)
