@@ -9,6 +9,8 @@ rest of the session keeps its single device:
   has no all-gather/all-to-all/collective-permute and no host callback on the state, XLA
   prints no "Involuntary full rematerialization", the outputs are sharded like the inputs
   and equal the single-device values. A canary (the pre-fix bug) proves the checks fire.
+- tests/sharding_scripts/registry.py: every solver of the registry with each controller it
+  supports (sharded DiscreteAdjoint gradient, no gather, equal to one device).
 - tests/sharding_scripts/model_parallel.py: a flax MLP with weights sharded along "model"
   of a (batch x model) mesh; parameter gradients keep the parameters' sharding.
 - examples/distributed_guidance.py with jax.distributed: 2 processes x 2 host devices give
@@ -64,6 +66,18 @@ def test_every_entry_point_splits_the_batch_on_every_kind_of_mesh():
     assert REMAT not in before, before[-6000:]
     # the canary (a check attached to the state) is caught by the same warning check
     assert REMAT in after, after[-4000:]
+
+
+def test_every_solver_and_controller_splits_the_batch():
+    """The solver registry (tests/helpers.py), each solver with each controller it supports:
+    a DiscreteAdjoint gradient on a batch sharded over 4 devices holds the local batch only,
+    gathers nothing (the adaptive error norm is a scalar all-reduce), and equals one device."""
+    proc = _run([SCRIPTS / "registry.py"])
+    from .helpers import SOLVER_REGISTRY
+
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ok ")]
+    assert {ln.split()[1] for ln in lines} == set(SOLVER_REGISTRY), proc.stdout
+    assert sum(ln.endswith("adaptive") for ln in lines) >= 4, proc.stdout
 
 
 def test_model_parallel_parameters_keep_their_sharding():

@@ -273,58 +273,66 @@ def run(kind, full):
     print("ok", kind, flush=True)
 
 
-ADJOINTS = [
-    jadeis.DiscreteAdjoint(),
-    jadeis.DiscreteAdjoint(fast=False),
-    jadeis.AdjointDEIS(),
-    jadeis.AdjointDEIS(trajectory="reconstruct"),
-    jadeis.Backprop(),
-]
-# single-device references
-S = dict(schedule=sch, ts=ts)
-REF = {
-    "sample": jadeis.sample(mlp, params, x_T, z, **S),
-    "sde key": jadeis.sample(
-        mlp, params, x_T, z, key=jax.random.key(1), solver=jadeis.SDEDPMSolverPP(), **S
-    ),
-    "trajectory": jadeis.sample_trajectory(mlp, params, x_T, z, **S),
-    "encode_ode": jadeis.encode_ode(mlp, params, x_T, z, **S),
-    "encode_sde": jadeis.encode_sde(
-        mlp, params, x_T, z, key=jax.random.key(2), solver=jadeis.SDEDPMSolverPP(), **S
-    ),
-    "guide": jadeis.guide(
-        lambda x0: jnp.sum((x0 - 1.0) ** 2, axis=-1),
-        mlp,
-        params,
-        x_T,
-        z,
-        optimizer=optax.adam(0.05),
-        num_iters=2,
-        progress=False,
-        **S,
-    ).x_0,
-}
-for adj in ADJOINTS:
-    REF[f"grad {adj}"] = jax.jit(
-        jax.grad(
-            lambda x, z, p, adj=adj: jnp.sum(jadeis.sample(mlp, p, x, z, adjoint=adj, **S) ** 2),
-            argnums=(0, 1, 2),
-        )
-    )(x_T, z, params)
+def main():
+    global ADJOINTS, REF, S
+    ADJOINTS = [
+        jadeis.DiscreteAdjoint(),
+        jadeis.DiscreteAdjoint(fast=False),
+        jadeis.AdjointDEIS(),
+        jadeis.AdjointDEIS(trajectory="reconstruct"),
+        jadeis.Backprop(),
+    ]
+    # single-device references
+    S = dict(schedule=sch, ts=ts)
+    REF = {
+        "sample": jadeis.sample(mlp, params, x_T, z, **S),
+        "sde key": jadeis.sample(
+            mlp, params, x_T, z, key=jax.random.key(1), solver=jadeis.SDEDPMSolverPP(), **S
+        ),
+        "trajectory": jadeis.sample_trajectory(mlp, params, x_T, z, **S),
+        "encode_ode": jadeis.encode_ode(mlp, params, x_T, z, **S),
+        "encode_sde": jadeis.encode_sde(
+            mlp, params, x_T, z, key=jax.random.key(2), solver=jadeis.SDEDPMSolverPP(), **S
+        ),
+        "guide": jadeis.guide(
+            lambda x0: jnp.sum((x0 - 1.0) ** 2, axis=-1),
+            mlp,
+            params,
+            x_T,
+            z,
+            optimizer=optax.adam(0.05),
+            num_iters=2,
+            progress=False,
+            **S,
+        ).x_0,
+    }
+    for adj in ADJOINTS:
+        REF[f"grad {adj}"] = jax.jit(
+            jax.grad(
+                lambda x, z, p, adj=adj: jnp.sum(
+                    jadeis.sample(mlp, p, x, z, adjoint=adj, **S) ** 2
+                ),
+                argnums=(0, 1, 2),
+            )
+        )(x_T, z, params)
 
-for arg in sys.argv[1:]:
-    kind, _, size = arg.partition(":")
-    run(kind, size != "short")
+    for arg in sys.argv[1:]:
+        kind, _, size = arg.partition(":")
+        run(kind, size != "short")
 
-# the canary: the pre-fix bug (a traced check attached to the state) must be caught
-mesh = Mesh(jax.devices(), ("batch",))
-xs = jax.device_put(x_T, NamedSharding(mesh, P("batch")))
-hlo = jax.jit(lambda x: jnp.sin(eqx.error_if(x, jnp.any(x > 9), "bad"))).lower(xs).compile()
-assert problems_in(hlo.as_text()), "canary: the HLO checks missed a gathered state"
-print("CANARY", file=sys.stderr, flush=True)
-with jax.set_mesh(
-    em := jax.make_mesh((4,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
-):
-    xe = jax.device_put(x_T, NamedSharding(em, P("batch")))
-    jax.jit(lambda x: jnp.sin(eqx.error_if(x, jnp.any(x > 9), "bad"))).lower(xe).compile()
-print("ALL OK", flush=True)
+    # the canary: the pre-fix bug (a traced check attached to the state) must be caught
+    mesh = Mesh(jax.devices(), ("batch",))
+    xs = jax.device_put(x_T, NamedSharding(mesh, P("batch")))
+    hlo = jax.jit(lambda x: jnp.sin(eqx.error_if(x, jnp.any(x > 9), "bad"))).lower(xs).compile()
+    assert problems_in(hlo.as_text()), "canary: the HLO checks missed a gathered state"
+    print("CANARY", file=sys.stderr, flush=True)
+    with jax.set_mesh(
+        em := jax.make_mesh((4,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
+    ):
+        xe = jax.device_put(x_T, NamedSharding(em, P("batch")))
+        jax.jit(lambda x: jnp.sin(eqx.error_if(x, jnp.any(x > 9), "bad"))).lower(xe).compile()
+    print("ALL OK", flush=True)
+
+
+if __name__ == "__main__":
+    main()
