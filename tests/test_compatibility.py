@@ -258,3 +258,44 @@ def test_entry_point_table_is_what_the_code_does():
         )
     )(X_T)
     np.testing.assert_allclose(g.x_T, want, rtol=1e-10, atol=1e-12)
+
+
+def test_adjoint_deis_noise_gradient_of_a_reversible_sde_solver_is_refused():
+    """AdjointDEIS's noise gradient is c_i a_x(t_{i+1}) for the linear multistep SDE solvers;
+    SDERex draws its noise differently: a ValueError naming the fix (not an AttributeError)."""
+    noise = jax.random.normal(jax.random.key(3), (5, 2) + X_T.shape)
+
+    def loss(noise):
+        return jnp.sum(
+            jadeis.sample(
+                MLP.eps_fn,
+                MLP.params,
+                X_T,
+                Z,
+                schedule=SCH,
+                ts=jadeis.time_grid(SCH, 5),
+                solver=jadeis.SDERex(),
+                noise=noise,
+                adjoint=jadeis.AdjointDEIS(),
+            )
+        )
+
+    with pytest.raises(ValueError, match="linear multistep SDE samplers only"):
+        jax.grad(loss)(noise)
+    # its other gradients are available
+    g = jax.grad(
+        lambda z: jnp.sum(
+            jadeis.sample(
+                MLP.eps_fn,
+                MLP.params,
+                X_T,
+                z,
+                schedule=SCH,
+                ts=jadeis.time_grid(SCH, 5),
+                solver=jadeis.SDERex(),
+                noise=noise,
+                adjoint=jadeis.AdjointDEIS(),
+            )
+        )
+    )(Z)
+    assert bool(jnp.all(jnp.isfinite(g)))
