@@ -182,13 +182,13 @@ def test_noise_gradient_matches_finite_difference():
     "solver", [jadeis.DPMSolverPP(order=3), jadeis.SDEDPMSolverPP(order=2)], ids=repr
 )
 def test_trajectory_loss(solver):
-    """return_trajectory=True with a loss of intermediate states: DiscreteAdjoint ==
-    Backprop, and the trajectory has traj[0] = x_T and traj[-1] = x_0."""
+    """sample_trajectory with a loss of intermediate states: DiscreteAdjoint == Backprop,
+    and the trajectory has traj[0] = x_T and traj[-1] = x_0."""
     wt = jnp.linspace(-1.0, 1.0, (N + 1) * 6).reshape((N + 1,) + X_T.shape)
     kw = {"key": jax.random.key(2)} if solver.stochastic else {}
 
     def loss(adjoint, p, x, z):
-        x0, traj = jadeis.sample(
+        traj = jadeis.sample_trajectory(
             eps_fn,
             p,
             x,
@@ -197,9 +197,9 @@ def test_trajectory_loss(solver):
             ts=TS,
             solver=solver,
             adjoint=adjoint,
-            return_trajectory=True,
             **kw,
         )
+        x0 = traj[-1]
         return loss_x0(x0) + jnp.sum(wt * traj) + jnp.sum(traj[N // 2] ** 2), (x0, traj)
 
     @quick_jit
@@ -231,7 +231,7 @@ def test_adjoint_deis_trajectory_loss():
     @quick_jit
     def run():
         def full(p, x, z):
-            _, traj = jadeis.sample(
+            traj = jadeis.sample_trajectory(
                 eps_fn,
                 p,
                 x,
@@ -240,7 +240,6 @@ def test_adjoint_deis_trajectory_loss():
                 ts=TS,
                 solver=solver,
                 adjoint=adj,
-                return_trajectory=True,
             )
             return jnp.sum(w * traj[j])
 
@@ -340,9 +339,10 @@ def test_solve_adjoint_matches_sample(z_kind):
 
     @quick_jit
     def run():
-        x0, traj = jadeis.sample(
-            eps_fn, PARAMS, X_T, z, schedule=SCH, ts=TS, solver=solver, return_trajectory=True
+        traj = jadeis.sample_trajectory(
+            eps_fn, PARAMS, X_T, z, schedule=SCH, ts=TS, solver=solver
         )
+        x0 = traj[-1]
         gx0 = _dl_dx0(x0)
         common = {"schedule": SCH, "ts": TS}
         return {
@@ -401,7 +401,7 @@ def test_solve_adjoint_sde_trajectory_matches_sample():
 
     @quick_jit
     def run():
-        x0, traj = jadeis.sample(
+        traj = jadeis.sample_trajectory(
             eps_fn,
             PARAMS,
             X_T,
@@ -410,8 +410,8 @@ def test_solve_adjoint_sde_trajectory_matches_sample():
             ts=TS,
             solver=solver,
             noise=noise,
-            return_trajectory=True,
         )
+        x0 = traj[-1]
         res = jadeis.solve_adjoint(
             eps_fn,
             PARAMS,

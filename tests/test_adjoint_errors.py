@@ -103,8 +103,10 @@ def sample(**kw):
             ["steps=3", "SDEDPMSolver"],
         ),
         (
-            lambda: sample(adjoint=jadeis.AdjointDEIS(steps=3), return_trajectory=True),
-            ["steps=3", "return_trajectory"],
+            lambda: jadeis.sample_trajectory(
+                eps_fn, 0.5, X, 0.1, schedule=SCH, ts=TS, adjoint=jadeis.AdjointDEIS(steps=3)
+            ),
+            ["steps=3", "sample_trajectory"],
         ),
         (lambda: sample(adjoint="deis"), ["adjoint", "'deis'"]),
         (lambda: solve(trajectory=TRAJ, adjoint="deis"), ["adjoint", "'deis'"]),
@@ -142,6 +144,15 @@ def test_errors_raise_under_grad_and_jit():
         jax.grad(lambda v: jnp.sum(sample(z=jadeis.PerStep(v))))(bad.values)
     with pytest.raises(ValueError, match="grad_x0"):
         jax.jit(lambda g: solve(g, trajectory=TRAJ).x_T)(jnp.ones((2, 4)))
+
+
+def test_return_trajectory_is_deprecated():
+    """sample(..., return_trajectory=True) still returns (x_0, trajectory), with a
+    DeprecationWarning that names sample_trajectory (the one test of the old argument)."""
+    with pytest.warns(DeprecationWarning, match="sample_trajectory"):
+        x_0, traj = sample(return_trajectory=True)
+    new = jadeis.sample_trajectory(eps_fn, 0.5, X, 0.1, schedule=SCH, ts=TS)
+    assert jnp.array_equal(traj, new) and jnp.array_equal(x_0, new[-1])
 
 
 def test_sde_argument_deprecated_and_checked():

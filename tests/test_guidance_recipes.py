@@ -63,6 +63,8 @@ def test_init_step_pair_is_what_guide_runs():
     np.testing.assert_allclose(res.losses[:-1], np.stack(losses), rtol=1e-12)
     assert int(state.iteration) == 5
     assert set(state.inputs) == {"x_T", "z", "params"}
+    # the current values as properties: optimised (x_T) or as given (z, params)
+    assert state.x_T is state.opt_vars["x_T"] and state.z is None and state.params == 0.5
 
 
 def test_priors_match_the_chi_distribution():
@@ -168,8 +170,12 @@ def test_non_finite_loss_stops_with_a_clear_error():
         (lambda x0, t: fit(x0, t).astype(jnp.complex128) * 1j, "complex|real"),
         (lambda x0, t: jnp.ones(3, jnp.int32), "floating"),
         ("mse", "callable"),
+        # one loss per example and coordinate, (B, 4): a forgotten reduction
+        (lambda x0, t: (x0 - t) ** 2, r"shape \(B,\) = \(3,\).*returned shape \(3, 4\)"),
+        # per-example losses must be one per example
+        (lambda x0, t: jnp.sum((x0 - t) ** 2, axis=0), r"shape \(B,\).*returned shape \(4,\)"),
     ],
-    ids=["tuple", "complex", "int", "string"],
+    ids=["tuple", "complex", "int", "string", "B-by-2", "not-per-example"],
 )
 def test_bad_loss_is_a_clear_error(loss, match):
     with pytest.raises(ValueError, match=match):
@@ -184,3 +190,30 @@ def test_pattern_loss_weights_are_traced():
     run(jadeis.WeightedSum(loss.weights[:1] + (jnp.asarray(0.7),), loss.terms), num_iters=1)
     assert sum(_guide.TRACES.values()) == n
     assert math.isclose(float((2.0 * loss).weights[1]), 0.2)
+
+
+def test_a_plain_function_adds_to_a_prior():
+    """``fit + 0.1 * ChiPrior()`` with ``fit`` a plain function: it is wrapped as
+    ``Loss(fit)`` (called ``fit(x_0, *loss_args)``), in either order; a plain function is
+    scaled once wrapped (``0.5 * fit`` is Python's TypeError)."""
+    x0 = jax.random.normal(jax.random.key(3), (3, 4))
+    inputs = {"x_T": X_T, "z": None, "params": 0.5}
+    expect = fit(x0, TARGET) + 0.1 * jadeis.ChiPrior()(x0, inputs)
+    for total in (fit + 0.1 * jadeis.ChiPrior(), 0.1 * jadeis.ChiPrior() + fit):
+        assert isinstance(total, jadeis.WeightedSum)
+        np.testing.assert_allclose(total(x0, inputs, TARGET), expect, rtol=1e-12)
+    with pytest.raises(TypeError):
+        0.5 * fit  # noqa: B018
+    np.testing.assert_allclose(
+        (0.5 * jadeis.Loss(fit))(x0, inputs, TARGET), 0.5 * fit(x0, TARGET), rtol=1e-12
+    )
+    assert run(fit + 0.1 * jadeis.ChiPrior(), num_iters=2).losses.shape == (3, 3)
+
+
+def test_progress_bar_shows_the_compile_apart(capsys):
+    """guide's progress bar reports the first iteration (the compilation) on its own; the
+    rate and ETA count the compiled iterations only."""
+    jadeis.guide(fit, eps_fn, 0.75, X_T, None, schedule=SCH, ts=TS, optimizer=OPT,
+                 wrt=("x_T",), loss_args=(TARGET,), num_iters=3)
+    err = capsys.readouterr().err
+    assert "compiling" in err and "first iteration (compiling)" in err and "3/3" in err

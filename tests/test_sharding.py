@@ -74,10 +74,11 @@ SCRIPT = textwrap.dedent(
         print("ok", name, flush=True)
 
     # the trajectory too: (N + 1, batch, dim), equal to the single-device one
-    out, traj = jadeis.sample(mlp_eps, params, x_sharded, jnp.asarray(0.3), schedule=sch,
-                              ts=ts, return_trajectory=True)
-    _, traj_one = jadeis.sample(mlp_eps, params, x_T, jnp.asarray(0.3), schedule=sch,
-                                ts=ts, return_trajectory=True)
+    traj = jadeis.sample_trajectory(mlp_eps, params, x_sharded, jnp.asarray(0.3),
+                                    schedule=sch, ts=ts)
+    out = traj[-1]
+    traj_one = jadeis.sample_trajectory(mlp_eps, params, x_T, jnp.asarray(0.3), schedule=sch,
+                                        ts=ts)
     check_sharded(out, "trajectory x_0")
     assert traj.shape == (13, 8, 3)
     np.testing.assert_allclose(np.asarray(traj), np.asarray(traj_one), rtol=1e-12, atol=1e-13)

@@ -14,7 +14,9 @@ Solvers (``solver=``)
     ``DDIM``, ``DPMSolver``, ``DPMSolverPP``, ``UniPC``, ``SinglestepDPMSolver``,
     ``SDEDPMSolver``, ``SDEDPMSolverPP``, ``Rex``, ``SDERex``; ``AbstractSolver`` is their
     base class, ``AbstractAdaptiveSolver`` (an error estimate) and ``AbstractReversibleSolver``
-    (an algebraic inverse) declare capabilities.
+    (an algebraic inverse) declare capabilities. ``ClipX0`` and ``DynamicThreshold``
+    (``AbstractThreshold``): clip or threshold the data prediction x_0, an option
+    (``threshold=``) of the data-prediction solvers.
 Step-size controllers (``controller=``)
     ``FixedGrid`` (the steps of ``ts``; default) and ``PIDController`` (adaptive steps with
     error control); ``Adaptive`` is a solver and a PID controller in one ``solver=`` argument;
@@ -110,6 +112,11 @@ if _TYPE_CHECKING:
         SinglestepDPMSolver as SinglestepDPMSolver,
         UniPC as UniPC,
     )
+    from ._threshold import (
+        AbstractThreshold as AbstractThreshold,
+        ClipX0 as ClipX0,
+        DynamicThreshold as DynamicThreshold,
+    )
 
 
 _EXPORTS = {
@@ -122,17 +129,20 @@ _EXPORTS = {
     "AbstractReversibleSolver": "._solver",
     "AbstractSchedule": "._schedule",
     "AbstractSolver": "._solver",
+    "AbstractThreshold": "._threshold",
     "Adaptive": "._controller",
     "AdjointDEIS": "._adjoint",
     "AdjointResult": "._sample",
     "Backprop": "._adjoint",
     "ChiPrior": "._guidance",
+    "ClipX0": "._threshold",
     "ConditioningFn": "._conditioning",
     "DDIM": "._solver",
     "DPMSolver": "._solver",
     "DPMSolverPP": "._solver",
     "DiscreteAdjoint": "._adjoint",
     "DiscreteVP": "._schedule",
+    "DynamicThreshold": "._threshold",
     "FixedGrid": "._controller",
     "Guidance": "._guidance",
     "GuideResult": "._guidance",
@@ -202,16 +212,19 @@ __all__ = [
     "AbstractLoss",
     "AbstractSchedule",
     "AbstractSolver",
+    "AbstractThreshold",
     "AdjointDEIS",
     "AdjointResult",
     "Backprop",
     "ChiPrior",
+    "ClipX0",
     "ConditioningFn",
     "DDIM",
     "DPMSolver",
     "DPMSolverPP",
     "DiscreteAdjoint",
     "DiscreteVP",
+    "DynamicThreshold",
     "FixedGrid",
     "Guidance",
     "GuideResult",

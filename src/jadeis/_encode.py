@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _validate as V
+from . import _recompile as R, _validate as V
 from ._conditioning import PerStep, z_at
 from ._controller import AbstractController
 from ._core import bind_model, draw_noise, normal_like, state_dtype
@@ -125,6 +125,7 @@ def encode_ode(
 def _encode_exact(problem, args, ts_checked):
     """Exact inversion of a reversible solver: its ``inverse_step`` from ``init(x_0)`` at
     ``ts[-1]`` back to ``ts[0]``; returns its latent (and the N + 1 samples)."""
+    R.note_trace("encode_ode", R.problem_parts(problem, args))
     V.check_problem_model(problem, args, "encode_ode", t_index=-1)  # once per compilation
     params, x_0, z, schedule, ts, noise = args
     if not ts_checked:
@@ -150,6 +151,7 @@ def _encode_exact(problem, args, ts_checked):
 @eqx.filter_jit
 def _encode_ode(problem, args, ts_checked):
     """The solver's own step on the reversed grid (per-step z reversed with it)."""
+    R.note_trace("encode_ode", R.problem_parts(problem, args))
     V.check_problem_model(problem, args, "encode_ode", t_index=-1)  # once per compilation
     ts = args.ts if ts_checked else V.check_ts_traced(args.ts, args.schedule, "encode_ode")
     z = args.z
@@ -288,6 +290,7 @@ def encode_sde(
 
 @eqx.filter_jit
 def _encode_sde(problem, args, key, path, ts_checked):
+    R.note_trace("encode_sde", R.problem_parts(problem, (args, key, path)))
     V.check_problem_model(problem, args, "encode_sde", t_index=-1)  # once per compilation
     params, x_0, z, schedule, ts, _ = args
     if not ts_checked:

@@ -16,7 +16,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from . import _validate as V
+from . import _recompile as R, _validate as V
 from ._adjoint import AbstractAdjoint, DiscreteAdjoint
 from ._adjoint.base import Out
 from ._conditioning import ConditioningFn
@@ -138,8 +138,10 @@ def sample(
 
     - `eps_fn`: the noise-prediction model ``eps_fn(params, x, t, z) -> eps`` with the
       shape of ``x`` (any floating dtype; use :func:`jadeis.as_eps_fn` for x0/v/flow models).
-      A new function object (a new ``lambda``) is a new configuration and compiles again:
-      keep one function object across calls.
+      A new function object (a new ``lambda`` or closure per call) is a new configuration
+      and compiles again (minutes with a U-Net): define ``eps_fn`` once and pass what
+      changes (weights, a guidance scale) through ``params`` or ``z``. jadeis warns (a
+      ``UserWarning``) when it compiles one configuration a third time for a new function.
     - `params`: the model parameters: any pytree; its array leaves are the parameters
       (traced and differentiated), anything else (an Equinox module's activation functions,
       flags) is closed over, as ``equinox.filter_jit`` does.
@@ -168,7 +170,8 @@ def sample(
       gradients with respect to it are available too).
     - `check_finite`: raise if ``x_T`` or the result is not finite (a traced check on the
       state; off by default because it synchronises with the host).
-    - `return_trajectory`: deprecated; use :func:`jadeis.sample_trajectory`.
+    - `return_trajectory`: **deprecated** (a ``DeprecationWarning``; it will be removed):
+      use :func:`jadeis.sample_trajectory`, which returns the N + 1 states.
 
     What is checked: eagerly, before compiling, the types of ``schedule``/``solver``/
     ``controller``/``adjoint``, shapes and dtypes, the model's output shape and dtype, the
@@ -359,7 +362,12 @@ def run(
 
 @eqx.filter_jit
 def _run(problem: Problem, args: Args, adjoint, check_finite: bool, ts_checked: bool, where):
-    V.check_problem_model(problem, args, where)  # at trace time: once per compilation
+    # at trace time: once per compilation
+    R.note_trace(
+        "sample",
+        R.problem_parts(problem, args, adjoint, check_finite=check_finite, where=where),
+    )
+    V.check_problem_model(problem, args, where)
     if not ts_checked:
         args = args._replace(ts=V.check_ts_traced(args.ts, args.schedule, where))
     if check_finite:
@@ -571,6 +579,7 @@ def _check_tree_inputs(trajectory, x_0, grad_x0, n, where):
 
 @eqx.filter_jit
 def _solve(problem, args, adjoint, trajectory, x_0, grad_x0, ts_checked):
+    R.note_trace("solve_adjoint", R.problem_parts(problem, (args, trajectory, x_0), adjoint))
     ref = jax.tree.map(lambda v: v[-1], trajectory) if trajectory is not None else x_0
     V.check_problem_model(problem, args, "solve_adjoint", x=ref)
     if not ts_checked:

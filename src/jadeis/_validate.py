@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -264,7 +265,7 @@ def check_model(eps_fn, params, x, t, z, where: str):
     if not isinstance(x, jax.Array):
         return _check_model_tree(eps_fn, params, x, t, z, where)
     try:
-        out = jax.eval_shape(eps_fn, params, x, t, z)
+        out = eqx.filter_eval_shape(eps_fn, params, x, t, z)
     except Exception as e:  # noqa: BLE001 - re-raised with context
         raise ValueError(
             f"{where}: calling eps_fn(params, x, t, z) failed for x of shape {x.shape} and "
@@ -288,7 +289,7 @@ def check_model(eps_fn, params, x, t, z, where: str):
 def _check_model_tree(eps_fn, params, x, t, z, where: str):
     want = shapes_of(x)
     try:
-        out = jax.eval_shape(eps_fn, params, x, t, z)
+        out = eqx.filter_eval_shape(eps_fn, params, x, t, z)
     except Exception as e:  # noqa: BLE001 - re-raised with context
         raise ValueError(
             f"{where}: calling eps_fn(params, x, t, z) failed for the pytree state x with leaf "

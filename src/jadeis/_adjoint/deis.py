@@ -214,6 +214,8 @@ class _Rows(NamedTuple):
     cidx: Any  # (k,) ... and the sampling intervals they belong to (per-step z)
     recon: Any  # the reconstruction solver's inputs on the ascending grid
     idx: Any  # the sampling interval holding point j (per-step z)
+    alpha: Any  # alpha and sigma at point j (the noise a thresholded x_0 implies)
+    sigma: Any
 
 
 def _adjoint_grid(args: Args, grid: Grid, m: int | None, dtype):
@@ -334,6 +336,8 @@ def deis_backward(
         cidx=coef_idx,
         recon=recon_rows,
         idx=idx,
+        alpha=cast(a_s, dtype),
+        sigma=cast(sigma[:-1], dtype),
     )
 
     def body(carry, j, r):
@@ -371,7 +375,9 @@ def deis_backward(
             zz = diff[-1] if want.z else z_j
             out = eps_fn(model_params(p), xx, r.s, zz)
             # the model's output in the state's dtype (mixed precision)
-            return tm(lambda e, v: e.astype(v.dtype), out, xx)
+            out = tm(lambda e, v: e.astype(v.dtype), out, xx)
+            # with a thresholded data prediction, the noise it implies: the ODE's model
+            return problem.solver.effective_noise(xx, out, r.alpha, r.sigma)
 
         eps, vjp = jax.vjp(eps_of, *primals)
         bars = vjp(ax)

@@ -8,6 +8,7 @@ identity or value), so it compiles once per configuration and shapes, across cal
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -17,15 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
-from .. import _validate as V
+from .. import _recompile as R, _validate as V
 from .._adjoint import AbstractAdjoint, DiscreteAdjoint
 from .._controller import AbstractController
 from .._sample import resolve_solver, sample
 from .._schedule import AbstractSchedule
 from .._solver import AbstractSolver, DPMSolverPP
 from ._losses import AbstractLoss, as_loss
+from ._progress import IterationBar
 
 _WRT = ("x_T", "z", "params")
 _NOISE_MODES = ("frozen", "fresh")
@@ -56,13 +57,22 @@ class GuideResult(NamedTuple):
 class GuideState(NamedTuple):
     """The state of a :class:`Guidance` optimisation (a pytree).
 
-    - `opt_vars`: dict of the optimised inputs (keys from ``wrt``);
+    The current values: ``state.x_T``, ``state.z``, ``state.params`` (the optimised values
+    after the last update, the inputs where not optimised); ``state.inputs`` is the dict of
+    the three. Fields:
+
+    - `opt_vars`: dict of what the optimizer updates (keys from ``wrt``): the
+      floating-point array leaves of each optimised input (``None`` in place of its other
+      leaves, as ``equinox.filter`` leaves them);
     - `opt_state`: the optimizer's state;
     - `fixed`: dict of the inputs that are not optimised;
     - `iteration`: number of updates done (int32 array);
     - `key`: the PRNG key of SDE samplers (or ``None``); `noise`: the noise array (or ``None``);
     - `loss`, `x_0`: the loss and sample of the values *before* the last update
-      (``None`` after ``init``).
+      (``None`` after ``init``);
+    - `rest`: dict of the leaves of each optimised input that are not optimised (an
+      Equinox module's activation functions, integer buffers; ``None`` elsewhere), or
+      ``None`` when there are none.
     """
 
     opt_vars: dict
@@ -73,11 +83,89 @@ class GuideState(NamedTuple):
     noise: Any
     loss: Any = None
     x_0: Any = None
+    rest: dict | None = None
 
     @property
     def inputs(self) -> dict:
         """The current ``{"x_T", "z", "params"}``."""
-        return {**self.fixed, **self.opt_vars}
+        return {**self.fixed, **combine_rest(self.opt_vars, self.rest)}
+
+    @property
+    def x_T(self):
+        """The current initial noise (optimised, or the input)."""
+        return self.inputs["x_T"]
+
+    @property
+    def z(self):
+        """The current conditioning (optimised, or the input)."""
+        return self.inputs["z"]
+
+    @property
+    def params(self):
+        """The current model parameters (optimised, or the input)."""
+        return self.inputs["params"]
+
+
+def _is_optimisable(v) -> bool:
+    """A leaf the optimizer updates: a floating-point array (or a Python/NumPy float)."""
+    if isinstance(v, (float, np.floating)) and not isinstance(v, bool):
+        return True
+    return (eqx.is_array(v) or isinstance(v, np.ndarray)) and jnp.issubdtype(
+        v.dtype, jnp.floating
+    )
+
+
+def split_optimisable(value):
+    """``(floating leaves, the rest)``, each with ``None`` in place of the other's leaves
+    (``equinox.partition``); the rest is ``None`` when every leaf is optimised."""
+    opt, rest = eqx.partition(value, _is_optimisable)
+    opt = jax.tree.map(lambda v: jnp.asarray(v) if isinstance(v, (float, np.floating)) else v, opt)
+    if not jax.tree.leaves(rest):
+        rest = None
+    return opt, rest
+
+
+def combine_rest(opt_vars: dict, rest: dict | None) -> dict:
+    """The optimised inputs with the leaves that are not optimised put back."""
+    if not rest:
+        return dict(opt_vars)
+    return {
+        w: v if rest.get(w) is None else eqx.combine(v, rest[w]) for w, v in opt_vars.items()
+    }
+
+
+def _nnx_non_param_paths(value) -> list[str]:
+    """The paths of the flax nnx variables in ``value`` that are not ``nnx.Param`` (RNG
+    state, BatchNorm statistics: what ``nnx.split(model)`` puts beside the parameters)."""
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None:
+        return []
+    leaves = jax.tree_util.tree_flatten_with_path(
+        value, is_leaf=lambda v: isinstance(v, nnx.Variable)
+    )[0]
+    return [
+        f"{jax.tree_util.keystr(path)} ({type(v).__name__})"
+        for path, v in leaves
+        if isinstance(v, nnx.Variable) and not isinstance(v, nnx.Param)
+    ]
+
+
+def check_optimisable(value, name: str, where: str) -> None:
+    """``value`` has floating-point leaves to optimise, and is not a whole nnx State."""
+    bad = _nnx_non_param_paths(value)
+    if bad:
+        raise ValueError(
+            f"{where}: cannot optimise {name!r}: it holds flax nnx state that is not a "
+            f"parameter: {', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}. Split the "
+            f"parameters out and close over the rest: graphdef, params, rest = "
+            f"nnx.split(model, nnx.Param, ...), and in eps_fn nnx.merge(graphdef, params, "
+            f"rest) (docs/guides/flax-nnx.md)."
+        )
+    if not any(_is_optimisable(v) for v in jax.tree.leaves(value)):
+        raise ValueError(
+            f"{where}: cannot optimise {name!r}: it has no floating-point array leaves (the "
+            f"optimizer updates those and keeps the others as they are), got {value!r:.80}."
+        )
 
 
 class Guidance(eqx.Module):
@@ -88,8 +176,11 @@ class Guidance(eqx.Module):
 
     The step is compiled once per configuration and shapes, across calls and instances: keep
     the same ``eps_fn``, ``loss_fn``, ``optimizer`` and ``projection`` objects (a new lambda
-    or a new ``optax.adam(...)`` is a new configuration; use ``optax.inject_hyperparams``
-    to vary a learning rate). Arrays (``ts``, ``loss_args``, a loss's weights) are traced.
+    or a new ``optax.adam(...)`` per call is a new configuration and compiles again, which
+    takes minutes with a U-Net; jadeis warns on the third such compile). To vary a learning
+    rate, build the optimizer once with ``optax.inject_hyperparams(optax.adam)(
+    learning_rate=...)`` and change ``state.opt_state.hyperparams["learning_rate"]``.
+    Arrays (``ts``, ``loss_args``, a loss's weights) are traced.
 
     **Arguments:** as in :func:`guide`.
 
@@ -190,14 +281,7 @@ class Guidance(eqx.Module):
         where = "guide"
         values = {"x_T": x_T, "z": z, "params": params}
         for w in self.wrt:
-            leaves = jax.tree.leaves(values[w])
-            if not leaves or not all(
-                jnp.issubdtype(jnp.asarray(v).dtype, jnp.floating) for v in leaves
-            ):
-                raise ValueError(
-                    f"{where}: cannot optimise {w!r}: it must be a pytree of floating-point "
-                    f"arrays, got {values[w]!r:.80}."
-                )
+            check_optimisable(values[w], w, where)
         if self.sde_noise == "fresh":
             if not self.solver.stochastic or key is None:
                 raise ValueError(
@@ -205,7 +289,12 @@ class Guidance(eqx.Module):
                     f"needs an SDE sampler and key=jax.random.key(seed) (got solver "
                     f"{type(self.solver).__name__}, key={key!r:.40})."
                 )
-        opt_vars = {w: values[w] for w in self.wrt}
+        # the optimizer updates the floating-point leaves; any other leaf (an Equinox
+        # module's functions, integer buffers) is kept as it is, as equinox.filter does
+        split = {w: split_optimisable(values[w]) for w in self.wrt}
+        opt_vars = {w: split[w][0] for w in self.wrt}
+        rest = {w: split[w][1] for w in self.wrt}
+        rest = rest if any(r is not None for r in rest.values()) else None
         fixed = {w: values[w] for w in _WRT if w not in self.wrt}
         if isinstance(key, (int, np.integer)):
             raise ValueError(
@@ -215,10 +304,12 @@ class Guidance(eqx.Module):
         if key is not None and jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
             key = jax.random.key_data(key)
         # everything sample checks, and the loss's output type, once, before compiling
-        check_loss_output(self, {**fixed, **opt_vars}, key, noise, tuple(loss_args))
+        check_loss_output(self, opt_vars, fixed, key, noise, tuple(loss_args), rest)
         with jax.numpy_dtype_promotion("standard"):
             opt_state = self.optimizer.init(opt_vars)
-        return GuideState(opt_vars, opt_state, fixed, jnp.zeros((), jnp.int32), key, noise)
+        return GuideState(
+            opt_vars, opt_state, fixed, jnp.zeros((), jnp.int32), key, noise, rest=rest
+        )
 
     def _run(self, state: GuideState, loss_args):
         return _step(
@@ -231,6 +322,7 @@ class Guidance(eqx.Module):
             state.noise,
             tuple(loss_args),
             True,
+            rest=state.rest,
         )
 
     def step(self, state: GuideState, loss_args: tuple = ()) -> GuideState:
@@ -259,9 +351,9 @@ def _key_of(g: Guidance, key, iteration):
     return key
 
 
-def _loss_and_sample(g: Guidance, opt_vars, fixed, iteration, key, noise, loss_args):
+def _loss_and_sample(g: Guidance, opt_vars, fixed, iteration, key, noise, loss_args, rest):
     """``(loss as the loss function returns it, x_0)`` for the current values."""
-    v = {**fixed, **opt_vars}
+    v = {**fixed, **combine_rest(opt_vars, rest)}
     x_0 = sample(
         g.eps_fn,
         v["params"],
@@ -278,20 +370,20 @@ def _loss_and_sample(g: Guidance, opt_vars, fixed, iteration, key, noise, loss_a
     return g.loss_fn(x_0, v, *loss_args), x_0
 
 
-def _objective(g: Guidance, opt_vars, fixed, iteration, key, noise, loss_args):
-    loss, x_0 = _loss_and_sample(g, opt_vars, fixed, iteration, key, noise, loss_args)
+def _objective(g: Guidance, opt_vars, fixed, iteration, key, noise, loss_args, rest):
+    loss, x_0 = _loss_and_sample(g, opt_vars, fixed, iteration, key, noise, loss_args, rest)
     return jnp.sum(loss), (loss, x_0)
 
 
-def check_loss_output(g: Guidance, values, key, noise, loss_args):
-    """The loss must return a real floating-point array (not a tuple, not complex)."""
-    opt_vars = {w: values[w] for w in g.wrt}
-    fixed = {w: values[w] for w in _WRT if w not in g.wrt}
+def check_loss_output(g: Guidance, opt_vars, fixed, key, noise, loss_args, rest=None):
+    """The loss must return one real floating-point array (not a tuple, not complex): a
+    scalar, or one loss per example (shape ``(B,)``, B the leading axis of ``x_0``)."""
 
-    def f(opt_vars, fixed, key, noise, loss_args):
-        return _loss_and_sample(g, opt_vars, fixed, 0, key, noise, loss_args)[0]
+    def f(opt_vars, fixed, key, noise, loss_args, rest):
+        return _loss_and_sample(g, opt_vars, fixed, 0, key, noise, loss_args, rest)
 
-    out = jax.eval_shape(f, opt_vars, fixed, key, noise, loss_args)
+    with R.nested():  # (a trace for the check, not a compile of sample)
+        out, x_0 = eqx.filter_eval_shape(f, opt_vars, fixed, key, noise, loss_args, rest)
     if not isinstance(out, jax.ShapeDtypeStruct):
         raise ValueError(
             f"guide: loss_fn must return one real array (a scalar, or one loss per example); "
@@ -307,6 +399,14 @@ def check_loss_output(g: Guidance, values, key, noise, loss_args):
                 else "."
             )
         )
+    batch = jax.tree.leaves(x_0)[0].shape[:1]
+    if out.ndim > 1 or (out.ndim == 1 and out.shape != batch):
+        raise ValueError(
+            f"guide: loss_fn must return a scalar or one loss per example, shape (B,) = "
+            f"{batch} (B the leading axis of x_0, shape {jax.tree.leaves(x_0)[0].shape}); it "
+            f"returned shape {out.shape}. Reduce it over the other axes, e.g. "
+            f"jnp.sum(..., axis=-1) (guide minimises the sum of the per-example losses)."
+        )
 
 
 def _to_host(v) -> np.ndarray:
@@ -321,12 +421,33 @@ def _to_host(v) -> np.ndarray:
 
 
 @eqx.filter_jit
-def _step(g: Guidance, opt_vars, opt_state, fixed, iteration, key, noise, loss_args, update):
+def _step(
+    g: Guidance, opt_vars, opt_state, fixed, iteration, key, noise, loss_args, update, rest=None
+):
     TRACES[type(g).__name__] += 1
+    R.note_trace(
+        "guide",
+        {
+            "eps_fn": g.eps_fn,
+            "loss_fn": g.loss_fn,
+            "optimizer": g.optimizer,
+            "projection": g.projection,
+            "solver": g.solver,
+            "controller": g.controller,
+            "adjoint": g.adjoint,
+            "flags": (g.wrt, g.sde_noise, update),
+            "arrays": (g.schedule, g.ts, opt_vars, opt_state, fixed, iteration, key, noise),
+            "loss_args": loss_args,
+            "rest": rest,
+        },
+    )
     grad_fn = jax.value_and_grad(_objective, argnums=1, has_aux=True)
-    # g.ts was checked eagerly in Guidance(): the compiled step needs no host callback
-    with V.ts_prechecked():
-        (_, (loss, x_0)), grads = grad_fn(g, opt_vars, fixed, iteration, key, noise, loss_args)
+    # g.ts was checked eagerly in Guidance(): the compiled step needs no host callback;
+    # the sample traced inside is this step's (guide warns about recompiles, not sample)
+    with V.ts_prechecked(), R.nested():
+        (_, (loss, x_0)), grads = grad_fn(
+            g, opt_vars, fixed, iteration, key, noise, loss_args, rest
+        )
     # optax mixes Python floats with int32 step counts (e.g. Adam's bias correction):
     # run the optimiser with standard promotion even where the user set "strict"
     with jax.numpy_dtype_promotion("standard"):
@@ -371,10 +492,24 @@ def guide(
 
     Each iteration is one jit-compiled step (:meth:`Guidance.step`): a forward sampling
     pass, the gradient with the strategy ``adjoint``, one update of ``optimizer`` and the
-    ``projection``. Compiled once per configuration and shapes, across calls (keep the same
-    function and optimizer objects). Batched: when the loss is one value per example (shape
-    ``(B,)``), the objective is their sum, so with an elementwise optimiser (Adam, SGD, ...)
-    the B problems are optimised independently and the history keeps each.
+    ``projection``. Compiled once per configuration and shapes, across calls: keep the same
+    ``eps_fn``, ``loss_fn`` and ``optimizer`` objects. A new lambda or a new
+    ``optax.adam(...)`` per call compiles again (minutes with a U-Net; jadeis warns on the
+    third such compile of one configuration); see :class:`Guidance` to vary a learning rate.
+    The progress bar reports the first iteration (the compilation) on its own, and its rate
+    and ETA count only the compiled iterations.
+
+    The loss is a scalar or one value per example (shape ``(B,)``, B the leading axis of
+    ``x_0``; any other shape, such as ``(B, 2)``, is a ``ValueError``: reduce it first). The
+    objective is the sum of the per-example losses, so with an elementwise optimiser (Adam,
+    SGD, ...) the B problems are optimised independently and the history keeps each.
+
+    What is optimised: the floating-point array leaves of each input named in ``wrt``. Any
+    other leaf (an Equinox module's activation functions, integer or boolean buffers) is
+    kept as it is, as ``equinox.filter`` does, so an Equinox module is a valid ``params``.
+    A flax nnx ``State`` that holds more than ``nnx.Param`` variables (RNG state, BatchNorm
+    statistics) is refused: split out the parameters with ``nnx.split(model, nnx.Param,
+    ...)`` (docs/guides/flax-nnx.md).
 
     **Arguments:**
 
@@ -382,8 +517,11 @@ def guide(
       a :class:`jadeis.Loss`: ``Loss(fn, uses_inputs=True)`` is called
       ``fn(x_0, inputs, *loss_args)`` with ``inputs = {"x_T", "z", "params"}`` (current
       values), for priors on the noise; :class:`jadeis.NormPrior`, :class:`jadeis.ChiPrior`
-      are built in; losses add and scale: ``fit + 0.1 * jadeis.ChiPrior()``. It must return
-      one real floating-point array (a tuple or complex value is a ``ValueError``).
+      are built in; losses add and scale: ``fit + 0.1 * jadeis.ChiPrior()``, where ``fit``
+      may be a plain function (it becomes ``jadeis.Loss(fit)``; to scale a plain function
+      itself, wrap it first: ``0.5 * jadeis.Loss(fit)``). It must return one real
+      floating-point array, a scalar or shape ``(B,)`` (a tuple, a complex value or another
+      shape is a ``ValueError``).
     - `eps_fn`, `params`, `x_T`, `z`, `schedule`, `ts`, `solver`, `controller`, `adjoint`,
       `key`, `noise`: as in :func:`jadeis.sample` (an adaptive controller chooses the grid
       anew at every iteration; the gradient is that of the accepted steps).
@@ -401,7 +539,8 @@ def guide(
       returning ``True`` stops.
     - `tol`: stop when no example's loss changed by more than ``tol * max(1, |loss|)``
       between successive iterations.
-    - `progress`: show a tqdm progress bar with the current mean loss.
+    - `progress`: show a tqdm progress bar with the current mean loss and the time of the
+      first iteration (the compilation), apart from the rate and ETA of the others.
     - `keep_x0`: also return the sample of every iteration.
 
     Stops with a ``FloatingPointError`` at the first non-finite loss (NaN or inf), naming
@@ -454,7 +593,7 @@ def guide(
     loss_args = tuple(loss_args)
     state = g.init(params, x_T, z, key=key, noise=noise, loss_args=loss_args)
     losses, x0s = [], []
-    bar = tqdm(total=int(num_iters), desc=desc, disable=not progress, unit="it")
+    bar = IterationBar(int(num_iters), desc, disable=not progress)
 
     def finite(loss, i, what):
         if not np.all(np.isfinite(loss)):
@@ -478,8 +617,7 @@ def guide(
             losses.append(loss)
             if keep_x0:
                 x0s.append(_to_host(state.x_0))
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(np.mean(loss)):.4f}")
+            bar.update(loss)
             if callback is not None and callback(i, state):
                 break
             if done:

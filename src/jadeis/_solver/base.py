@@ -53,6 +53,7 @@ from .._ei import (
     step_orders,
 )
 from .._schedule import AbstractSchedule
+from .._threshold import AbstractThreshold
 
 
 def as_int(value):
@@ -113,6 +114,9 @@ class AbstractSolver(eqx.Module):
     """
 
     order: eqx.AbstractVar[int]
+    #: a map applied to the data prediction x_0 wherever the step forms it
+    #: (:class:`jadeis.ClipX0`, :class:`jadeis.DynamicThreshold`); data-prediction solvers only
+    threshold: AbstractThreshold | None = eqx.field(default=None, kw_only=True)
     stochastic: ClassVar[bool]
     max_order: ClassVar[int] = 3
     #: the step's first model evaluation is at the state's own sample and the step's start
@@ -120,7 +124,49 @@ class AbstractSolver(eqx.Module):
     first_evaluation_at_state: ClassVar[bool] = False
 
     def __check_init__(self):
-        check_int(type(self).__name__, "order", self.order, 1, self.max_order)
+        name = type(self).__name__
+        check_int(name, "order", self.order, 1, self.max_order)
+        if self.threshold is not None:
+            if not isinstance(self.threshold, AbstractThreshold):
+                raise ValueError(
+                    f"{name}: threshold must be jadeis.ClipX0(lo, hi) or "
+                    f"jadeis.DynamicThreshold(ratio, max_value) (or None), got "
+                    f"{self.threshold!r:.80}."
+                )
+            if not self.forms_data_prediction:
+                raise ValueError(
+                    f"{name}: threshold= clips the data prediction x_0, and {name} steps "
+                    f"with the noise prediction (it never forms x_0, and the noise a clipped "
+                    f"x_0 implies is a different model). Use {self._data_form()}."
+                )
+
+    @property
+    def forms_data_prediction(self) -> bool:
+        """Whether the step forms the data prediction x_0 from the model's noise prediction
+        (so that ``threshold`` applies to it)."""
+        return False
+
+    def _data_form(self) -> str:
+        """The data-prediction solver to use instead (for the error of a threshold)."""
+        return (
+            "a data-prediction solver: DPMSolverPP, SDEDPMSolverPP, UniPC, "
+            "SinglestepDPMSolver(prediction='data') or Rex(prediction='data')"
+        )
+
+    def data_prediction(self, x, eps, alpha, sigma):
+        r"""$\hat x_0 = (x - \sigma \hat\epsilon) / \alpha$, thresholded (``threshold``)."""
+        x0 = jax.tree.map(lambda x, e: (x - sigma * e) / alpha, x, eps)
+        return x0 if self.threshold is None else self.threshold(x0)
+
+    def effective_noise(self, x, eps, alpha, sigma):
+        """The noise prediction the step effectively uses: ``eps`` itself, or, with a
+        ``threshold``, the noise that the thresholded data prediction implies,
+        ``(x - alpha x0) / sigma`` (the model of the ODE the solver discretises; what a
+        continuous adjoint differentiates)."""
+        if self.threshold is None:
+            return eps
+        x0 = self.data_prediction(x, eps, alpha, sigma)
+        return jax.tree.map(lambda x, d: (x - alpha * d) / sigma, x, x0)
 
     @abc.abstractmethod
     def inputs(
@@ -301,10 +347,15 @@ class AbstractLinearMultistepSolver(AbstractAdaptiveSolver):
         zeros = lambda: jax.tree.map(jnp.zeros_like, x_T)  # noqa: E731
         return (x_T, tuple(zeros() for _ in range(self.order - 1)))
 
+    @property
+    def forms_data_prediction(self) -> bool:
+        return self.prediction == "data"
+
     def convert(self, eps, x, alpha, sigma):
-        """The model output in this solver's parameterisation."""
+        """The model output in this solver's parameterisation (the data prediction
+        thresholded by ``threshold``, if any)."""
         if self.prediction == "data":
-            return jax.tree.map(lambda x, eps: (x - sigma * eps) / alpha, x, eps)
+            return self.data_prediction(x, eps, alpha, sigma)
         return eps
 
     def model_output(self, model, inp: LinearStepInputs, x):

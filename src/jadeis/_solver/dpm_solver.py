@@ -38,3 +38,6 @@ class DPMSolver(AbstractNoiseSolver):
 
     def _corrected_warmup(self) -> bool:
         return resolve_warmup("DPMSolver", self.warmup, self.order)
+
+    def _data_form(self) -> str:
+        return f"DPMSolverPP(order={self.order}, threshold=...), its data-prediction form"

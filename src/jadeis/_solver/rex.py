@@ -117,6 +117,13 @@ class AbstractRex(AbstractReversibleSolver):
     max_order: ClassVar[int] = 4
     coupling: eqx.AbstractVar[float]
 
+    @property
+    def forms_data_prediction(self) -> bool:
+        return self.prediction == "data"
+
+    def _data_form(self) -> str:
+        return f"{type(self).__name__}(prediction='data') (the default)"
+
     # --- subclass hooks -------------------------------------------------------------
     def _stage_c(self) -> tuple:
         raise NotImplementedError
@@ -194,7 +201,7 @@ class AbstractRex(AbstractReversibleSolver):
         eps = model(x, stages.t[i])
         if self.prediction == "noise":
             return eps
-        return (x - stages.sigma[i] * eps) / stages.alpha[i]
+        return self.data_prediction(x, eps, stages.alpha[i], stages.sigma[i])
 
     def psi(self, model, stages: RexStages, h, y, xi, sign):
         """The increment of y of one application of the base scheme with step ``h``
@@ -270,7 +277,7 @@ class Rex(AbstractRex, AbstractAdaptiveSolver):
     stochastic: ClassVar[bool] = False
 
     def __init__(self, scheme: str = "midpoint", prediction: str = "data",
-                 coupling: float = DEFAULT_COUPLING):
+                 coupling: float = DEFAULT_COUPLING, *, threshold=None):
         check_choice("Rex", "scheme", scheme, tuple(_TABLEAUS))
         check_choice("Rex", "prediction", prediction, ("data", "noise"))
         _check_coupling("Rex", coupling)
@@ -278,6 +285,7 @@ class Rex(AbstractRex, AbstractAdaptiveSolver):
         self.prediction = prediction
         self.coupling = float(coupling)
         self.order = _ODE_ORDERS[scheme]
+        self.threshold = threshold
 
     def _stage_c(self):
         return _TABLEAUS[self.scheme][0]
@@ -367,12 +375,15 @@ class SDERex(AbstractRex):
     stochastic: ClassVar[bool] = True
     prediction: ClassVar[str] = "data"
 
-    def __init__(self, scheme: str = "shark", coupling: float = DEFAULT_COUPLING):
+    def __init__(
+        self, scheme: str = "shark", coupling: float = DEFAULT_COUPLING, *, threshold=None
+    ):
         check_choice("SDERex", "scheme", scheme, tuple(_SDE_STAGES))
         _check_coupling("SDERex", coupling)
         self.scheme = scheme
         self.coupling = float(coupling)
         self.order = _SDE_ORDERS[scheme]
+        self.threshold = threshold
 
     def noise_shape(self, shape):
         return (2,) + tuple(shape) if self.scheme == "shark" else tuple(shape)

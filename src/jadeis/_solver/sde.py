@@ -31,6 +31,9 @@ class SDEDPMSolver(AbstractNoiseSolver):
     drift_factor: ClassVar[float] = 2.0
     max_order: ClassVar[int] = 1
 
+    def _data_form(self) -> str:
+        return "SDEDPMSolverPP(order=1, threshold=...), its data-prediction form"
+
 
 class SDEDPMSolverPP(AbstractDataSolver):
     r"""SDE-DPM-Solver++ (data prediction), order 1 or 2 (2M):

@@ -91,6 +91,13 @@ class SinglestepDPMSolver(AbstractAdaptiveSolver):
         check_choice("SinglestepDPMSolver", "prediction", self.prediction, ("data", "noise"))
 
     @property
+    def forms_data_prediction(self) -> bool:
+        return self.prediction == "data"
+
+    def _data_form(self) -> str:
+        return "SinglestepDPMSolver(prediction='data') (the DPM-Solver++ form, the default)"
+
+    @property
     def error_order(self) -> int | None:
         """The order of the local error estimate's leading term (``order``; the embedded
         solution is one order lower, so the difference is O(h^order)); ``None`` for order 1,
@@ -175,7 +182,7 @@ class SinglestepDPMSolver(AbstractAdaptiveSolver):
         eps = model(x, t)
         if self.prediction == "noise":
             return eps
-        return _tm(lambda x, e: (x - sigma * e) / alpha, x, eps)
+        return self.data_prediction(x, eps, alpha, sigma)
 
     def _stages(self, model, inp: SinglestepInputs, x):
         """The model outputs m_s, m_1, ..., m_{k-1}."""

@@ -132,6 +132,10 @@ class UniPC(AbstractSolver):
         check_choice("UniPC", "variant", self.variant, _VARIANTS)
 
     @property
+    def forms_data_prediction(self) -> bool:
+        return True
+
+    @property
     def convergence_order(self) -> int:
         """Global order of accuracy: p + 1 with the corrector, p without."""
         return self.order + 1 if self.corrector else self.order
@@ -239,7 +243,7 @@ class UniPC(AbstractSolver):
         x_pred, prev, hist = state
         eps = model(x_pred, inp.t)
         tm = jax.tree.map
-        m = tm(lambda x_pred, eps: (x_pred - inp.sigma * eps) / inp.alpha, x_pred, eps)
+        m = self.data_prediction(x_pred, eps, inp.alpha, inp.sigma)
         if self.corrector:
             x = tm(lambda x_pred, p, m: inp.keep * x_pred + inp.ca * p + inp.cb[0] * m,
                    x_pred, prev[0], m)

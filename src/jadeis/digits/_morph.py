@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from tqdm.auto import tqdm
 
 from jadeis import (
     DDIM,
@@ -41,6 +40,7 @@ from jadeis import (
     time_grid,
 )
 
+from .._guidance._progress import IterationBar
 from ._data import load_split
 from ._nets import NUM_CLASSES
 
@@ -221,36 +221,6 @@ def identity_loss(embed, x_0, e_a, e_b):
 def _accepted(verifiers, morphs, a, b):
     morphs = jnp.clip(jnp.asarray(morphs), -1.0, 1.0)
     return np.stack([np.asarray(v.accepts(morphs, a) & v.accepts(morphs, b)) for v in verifiers])
-
-
-class IterationBar:
-    """A progress bar for an optimisation whose first iteration includes JIT compilation.
-
-    Until the first iteration ends the bar says "compiling"; then it shows how long that took
-    and restarts its clock, so that the rate and the ETA are those of the compiled
-    iterations only. Pass :meth:`callback` as ``guide(..., callback=...)``.
-    """
-
-    def __init__(self, total: int, desc: str, *, disable: bool = False, **tqdm_kwargs):
-        self.total = int(total)
-        self.first_seconds: float | None = None
-        self._start = time.perf_counter()
-        self.bar = tqdm(total=self.total, desc=desc, disable=disable, unit="it", **tqdm_kwargs)
-        self.bar.set_postfix_str("compiling", refresh=True)
-
-    def callback(self, i: int, state) -> bool:
-        loss = f"loss={float(np.mean(np.asarray(state.loss))):.4f}"
-        if self.first_seconds is None:
-            self.first_seconds = time.perf_counter() - self._start
-            self.bar.reset(total=self.total)  # the clock restarts: the ETA excludes compiling
-            self.bar.initial = self.bar.n = self.bar.last_print_n = 1
-        else:
-            self.bar.update(1)
-        self.bar.set_postfix_str(f"first iteration (compiling) {self.first_seconds:.1f} s, {loss}")
-        return False
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 def run_morphs(
