@@ -32,7 +32,9 @@ Models and conditioning
     ``as_eps_fn`` (x0 / v / flow predictions to eps), ``PerStep`` and ``ConditioningFn``
     (conditioning that changes over the steps).
 Guidance and encoding
-    ``guide`` and ``GuideResult``: optimisation through the sampler; ``encode_ode`` (DDIM
+    ``guide`` and ``GuideResult``: optimisation through the sampler; ``greedy_sample`` and
+    ``GreedySolution``: greedy guidance (each step's prediction optimised for a loss on its
+    one-step estimate of x_0); ``encode_ode`` (DDIM
     inversion) and ``encode_sde`` (exact Cycle-SDE encoding).
 
 ``jadeis.digits`` (the ``demo`` extra) holds the bundled 8x8-digits model and the demo.
@@ -66,12 +68,14 @@ if _TYPE_CHECKING:
     from ._guidance import (
         AbstractLoss as AbstractLoss,
         ChiPrior as ChiPrior,
+        GreedySolution as GreedySolution,
         Guidance as Guidance,
         GuideResult as GuideResult,
         GuideState as GuideState,
         Loss as Loss,
         NormPrior as NormPrior,
         WeightedSum as WeightedSum,
+        greedy_sample as greedy_sample,
         guide as guide,
         sphere_projection as sphere_projection,
     )
@@ -134,6 +138,7 @@ _EXPORTS = {
     "DiscreteAdjoint": "._adjoint",
     "DiscreteVP": "._schedule",
     "FixedGrid": "._controller",
+    "GreedySolution": "._guidance",
     "Guidance": "._guidance",
     "GuideResult": "._guidance",
     "GuideState": "._guidance",
@@ -162,6 +167,7 @@ _EXPORTS = {
     "diffusers_timesteps": "._grid",
     "encode_ode": "._encode",
     "encode_sde": "._encode",
+    "greedy_sample": "._guidance",
     "guide": "._guidance",
     "learn_time_grid": "._learned_grid",
     "rescale_betas_zero_snr": "._schedule",
@@ -213,6 +219,7 @@ __all__ = [
     "DiscreteAdjoint",
     "DiscreteVP",
     "FixedGrid",
+    "GreedySolution",
     "Guidance",
     "GuideResult",
     "GuideState",
@@ -241,6 +248,7 @@ __all__ = [
     "diffusers_timesteps",
     "encode_ode",
     "encode_sde",
+    "greedy_sample",
     "guide",
     "learn_time_grid",
     "rescale_betas_zero_snr",
