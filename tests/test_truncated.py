@@ -258,3 +258,23 @@ def test_linear_x_T_gradient_inner_strategies_agree_with_backprop(solver, inner)
 def test_bad_x_T_gradient():
     with pytest.raises(ValueError, match="x_T_gradient must be"):
         jadeis.Truncated(2, x_T_gradient="zero")
+
+
+def test_linear_x_T_gradient_of_a_float32_state():
+    """A float32 state on a float64 grid (strict promotion): the link is cast to the state."""
+    x32 = X_T.astype(jnp.float32)
+    g = jax.grad(
+        lambda x: jnp.sum(
+            jadeis.sample(
+                MLP.eps_fn,
+                MLP.params,
+                x,
+                Z,
+                schedule=SCH,
+                ts=TS,
+                solver=jadeis.DDIM(),
+                adjoint=jadeis.Truncated(3, x_T_gradient="linear"),
+            )
+        )
+    )(x32)
+    assert g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g)))

@@ -163,7 +163,7 @@ def _linear_link(problem: Problem, args: Args, resumed, start: int):
     ratio = sch.alpha(grid[start]) / sch.alpha(grid[0])
     solver = problem.solver
     x_T = solver.output(problem.init(args.x_T))
-    delta = jax.tree.map(lambda v: (ratio * (v - lax.stop_gradient(v))).astype(v.dtype), x_T)
+    delta = jax.tree.map(lambda v: ratio.astype(v.dtype) * (v - lax.stop_gradient(v)), x_T)
     # the sample's place in the solver state (output is a projection: its transpose)
     (delta,) = jax.linear_transpose(solver.output, resumed)(delta)
     return jax.tree.map(lambda r, d: r + d, resumed, delta)
