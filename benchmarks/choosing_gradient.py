@@ -297,7 +297,7 @@ def measure(s: Setup):
     x_T, z = p.x_T, p.z
     out = {
         "problem": s.name,
-        "description": p.description,
+        "description": p.description.replace("issue 5; ", ""),
         "N": n,
         "budget": s.budget,
         "lr": s.lr,
