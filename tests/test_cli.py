@@ -67,8 +67,9 @@ def test_demo_writes_png_and_mmpmr_table(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "MMPMR" in res.stdout
     rows = [line for line in res.stdout.splitlines() if line.startswith("| ")]
-    assert len(rows) == 4  # header + 3 methods
-    assert "Pixel average" in rows[1] and "AdjointDEIS-1 (ODE)" in rows[3]
+    assert len(rows) == 5  # header, the verifiers' ceilings, 3 methods
+    assert "Ceiling" in rows[1] and "Pixel average" in rows[2] and "AdjointDEIS-1 (ODE)" in rows[4]
+    assert "loss net" in rows[0] and "| 2 + 2 " in rows[4]
     png = out_dir / "morphs.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image
@@ -76,10 +77,17 @@ def test_demo_writes_png_and_mmpmr_table(tmp_path):
     img = matplotlib.image.imread(png)
     assert img.ndim == 3 and img.shape[0] > 150 and img.shape[1] > 400
     assert img[..., :3].std() > 0.1  # not blank
+    quality = matplotlib.image.imread(out_dir / "quality.png")
+    assert quality.shape[1] > 400 and quality[..., :3].std() > 0.05
     pairs_line = next(line for line in res.stdout.splitlines() if line.startswith("pairs: "))
     assert "rank" not in pairs_line and pairs_line.startswith("pairs: 2 of the 45"), pairs_line
     result = json.loads((out_dir / "results.json").read_text())
     assert len(result["pairs"]) == 2 and len(result["pair_ranks"]) == 2
+    assert set(result["ceilings"]) == {"verifier_a", "verifier_b", "verifier_c"}
+    deis = result["results"][2]
+    # NFE from the run's Stats: encode 2N, 2 iterations of N + N VJPs, the final sample N
+    assert deis["nfe"] == 2 * 4 + 2 * (4 + 4) + 4
+    assert (deis["loss_net_evals"], deis["loss_net_vjps"]) == (2, 2)
     for r in result["results"]:
         assert set(r["mmpmr"]) == {"verifier_a", "verifier_b", "verifier_c"}
         assert all(0.0 <= v <= 1.0 for v in r["mmpmr"].values())

@@ -286,15 +286,48 @@ def test_morphing_pipeline_small():
 
 def test_morphing_rex_row_small():
     """The Rex row: exact Rex encoding of both sources, ReversibleAdjoint; it lowers the
-    identity loss, and its NFE counts 4 evaluations per Rex step (midpoint)."""
+    identity loss, and its NFE (from the run's Stats) counts 4 evaluations per Rex step
+    (midpoint): encoding 2 x 4N, per iteration 4N forward and 4N + 4N backward (the algebraic
+    inverse and the VJP of each step), the final sample 4N."""
     model, verifiers = load_denoiser(), load_verifiers()
     pairs = candidate_pairs(verifiers)[:2]
-    rep = run_morphs(model, verifiers, pairs, steps=4, iters=3, lr=0.05, methods=("rex",),
-                     progress=False)
+    rep = run_morphs(
+        model, verifiers, pairs, steps=4, iters=3, lr=0.05, methods=("rex",), progress=False
+    )
     (r,) = rep.results
     assert r.method.gradient == "ReversibleAdjoint()" and r.morphs.shape == (2, 8, 8)
     assert np.mean(r.losses[-1]) < np.mean(r.losses[0])
-    assert r.nfe == 4 * (2 * 4 + 3 * 3 * 4)
+    assert r.nfe == 4 * (2 * 4 + 3 * 3 * 4 + 4)
+
+
+def test_greedy_hybrid_and_truncated_rows_small():
+    """The dial's rows: NFE from the runs' Stats, counted as for the other rows; the loss
+    network's evaluations and VJPs apart; the verifiers' ceilings bound every row; the hybrid
+    continues the DiscreteAdjoint row (the same as running its iterations on its own)."""
+    from jadeis.digits._morph import GREEDY, HYBRID
+
+    model, verifiers = load_denoiser(), load_verifiers()
+    pairs = candidate_pairs(verifiers)[:2]
+    n, iters = 4, 3
+    kw = dict(steps=n, iters=iters, lr=0.05, progress=False, keep_progress=False)
+    rep = run_morphs(
+        model, verifiers, pairs, methods=("greedy", "discrete", "hybrid", "truncated"), **kw
+    )
+    greedy, discrete, hybrid, truncated = rep.results
+    assert greedy.nfe == 3 * n and greedy.iters == 0
+    assert (greedy.loss_evals, greedy.loss_vjps) == (n * (GREEDY.inner + 1), n * GREEDY.inner)
+    assert discrete.nfe == 2 * n + iters * 2 * n + n
+    assert hybrid.nfe == discrete.nfe and hybrid.iters == iters
+    assert hybrid.loss_evals == iters + n * (HYBRID.inner + 1)
+    assert hybrid.loss_vjps == iters + n * HYBRID.inner
+    # the truncated row: k = N/2 = 2, as many iterations as the exact rows' NFE buys
+    assert truncated.iters == iters * 2 * n // (n + 2) and truncated.nfe == discrete.nfe
+    assert np.mean(truncated.losses[-1]) < np.mean(truncated.losses[0])
+    for r in rep.results:
+        assert np.all(r.accepted.sum(axis=1) <= rep.ceilings)
+    alone = run_morphs(model, verifiers, pairs, methods=("hybrid",), **kw).results[0]
+    np.testing.assert_allclose(alone.morphs, hybrid.morphs, atol=1e-5)
+    assert "Ceiling" in rep.table() and f"{hybrid.loss_evals} + {hybrid.loss_vjps}" in rep.table()
 
 
 SHARD_SCRIPT = """

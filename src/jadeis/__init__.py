@@ -34,7 +34,9 @@ Models and conditioning
     ``as_eps_fn`` (x0 / v / flow predictions to eps), ``PerStep`` and ``ConditioningFn``
     (conditioning that changes over the steps).
 Guidance and encoding
-    ``guide`` and ``GuideResult``: optimisation through the sampler; ``encode_ode`` (DDIM
+    ``guide`` and ``GuideResult``: optimisation through the sampler; ``greedy_sample`` and
+    ``GreedySolution``: greedy guidance (each step's prediction optimised for a loss on its
+    one-step estimate of x_0); ``encode_ode`` (DDIM
     inversion) and ``encode_sde`` (exact Cycle-SDE encoding).
 
 ``jadeis.digits`` (the ``demo`` extra) holds the bundled 8x8-digits model and the demo.
@@ -68,12 +70,14 @@ if _TYPE_CHECKING:
     from ._guidance import (
         AbstractLoss as AbstractLoss,
         ChiPrior as ChiPrior,
+        GreedySolution as GreedySolution,
         Guidance as Guidance,
         GuideResult as GuideResult,
         GuideState as GuideState,
         Loss as Loss,
         NormPrior as NormPrior,
         WeightedSum as WeightedSum,
+        greedy_sample as greedy_sample,
         guide as guide,
         sphere_projection as sphere_projection,
     )
@@ -144,6 +148,7 @@ _EXPORTS = {
     "DiscreteVP": "._schedule",
     "DynamicThreshold": "._threshold",
     "FixedGrid": "._controller",
+    "GreedySolution": "._guidance",
     "Guidance": "._guidance",
     "GuideResult": "._guidance",
     "GuideState": "._guidance",
@@ -172,6 +177,7 @@ _EXPORTS = {
     "diffusers_timesteps": "._grid",
     "encode_ode": "._encode",
     "encode_sde": "._encode",
+    "greedy_sample": "._guidance",
     "guide": "._guidance",
     "learn_time_grid": "._learned_grid",
     "rescale_betas_zero_snr": "._schedule",
@@ -226,6 +232,7 @@ __all__ = [
     "DiscreteVP",
     "DynamicThreshold",
     "FixedGrid",
+    "GreedySolution",
     "Guidance",
     "GuideResult",
     "GuideState",
@@ -254,6 +261,7 @@ __all__ = [
     "diffusers_timesteps",
     "encode_ode",
     "encode_sde",
+    "greedy_sample",
     "guide",
     "learn_time_grid",
     "rescale_betas_zero_snr",

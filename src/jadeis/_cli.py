@@ -21,10 +21,13 @@ from pathlib import Path
 DEMO_METHODS = (
     "pixel",
     "latent",
+    "greedy",
     "adjointdeis1_ode",
     "adjointdeis2_ode",
     "adjointdeis1_sde",
     "discrete",
+    "hybrid",
+    "truncated",
     "rex",
 )
 
@@ -33,9 +36,13 @@ Morph look-alike pairs of handwritten digits with the bundled diffusion model: e
 images, start from the spherical interpolation of their x_T and the mean of their
 conditionings z, and optimise (x_T, z) through sampling so that verifier a accepts the morph
 as both digits. Prints MMPMR (share of morphs accepted for both identities at 0.1% FMR) on
-the three verifiers for pixel averaging, latent interpolation, AdjointDEIS-1/-2 (ODE),
-AdjointDEIS-1 (SDE), DiscreteAdjoint and Rex (exact Rex encoding, ReversibleAdjoint
-gradients), and writes morphs.png and results.json to --out."""
+the three verifiers, beside each verifier's ceiling, for pixel averaging, latent
+interpolation, Greedy-DiM* (greedy guidance of each step's noise prediction),
+AdjointDEIS-1/-2 (ODE), AdjointDEIS-1 (SDE), DiscreteAdjoint, DiscreteAdjoint with a greedy
+final sample, Truncated (the last N/2 steps differentiated) and Rex (exact Rex encoding,
+ReversibleAdjoint gradients), with the NFE (diffusion-model evaluations and VJPs) and the
+loss network's evaluations and VJPs of each, and writes morphs.png, quality.png (MMPMR per
+NFE) and results.json to --out."""
 
 TRAIN_DESCRIPTION = """\
 Train the bundled digits models from a seed: the conditional diffusion model and the three
@@ -220,6 +227,7 @@ def _demo(args) -> int:
         ranked_pairs,
         run_morphs,
         save_figure,
+        save_quality_plot,
         spread_ranks,
         verdicts,
         write_files,
@@ -253,7 +261,7 @@ def _demo(args) -> int:
             f"{len(pairs)} of the {len(ranked)} look-alike pairs{spread} (pixel distance "
             f"{min(dist):.1f}-{max(dist):.1f})"
         )
-    outputs = ("morphs.png", "results.json")
+    outputs = ("morphs.png", "quality.png", "results.json")
     existing = [name for name in outputs if (out / name).exists()]
     print(
         f"jadeis demo: {len(pairs)} pair(s), N = {args.steps} steps, {args.iters} iterations "
@@ -297,6 +305,7 @@ def _demo(args) -> int:
         out,
         {
             "morphs.png": lambda p: save_figure(report, p),
+            "quality.png": lambda p: save_quality_plot(report, p),
             "results.json": lambda p: p.write_text(json.dumps(result, indent=2) + "\n"),
         },
     )
@@ -304,7 +313,9 @@ def _demo(args) -> int:
     print()
     print(
         f"Morphs of {len(pairs)} pair(s) of digits ({labels}); MMPMR = share of morphs "
-        f"accepted with both sources at 0.1% FMR; NFE = network evaluations per morph."
+        f"accepted with both sources at 0.1% FMR (in brackets: how many); ceiling = pairs "
+        f"whose embedding bisector clears the threshold; NFE = diffusion-model evaluations "
+        f"per morph (a VJP counts one); loss net = the loss network's evaluations + VJPs."
     )
     print(report.table())
     last = report.results[-1] if report.results else None
@@ -316,7 +327,7 @@ def _demo(args) -> int:
                 for i, (a, b) in enumerate(zip(report.labels_a, report.labels_b))
             )
         )
-    wrote = f"{out / 'morphs.png'} and {out / 'results.json'}"
+    wrote = f"{out / 'morphs.png'}, {out / 'quality.png'} and {out / 'results.json'}"
     print(f"\nwrote {wrote} in {result['seconds']:.1f} s")
     if replaced:
         print(f"(overwrote {', '.join(str(p) for p in replaced)} from an earlier run)")

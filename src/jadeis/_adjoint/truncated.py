@@ -29,15 +29,23 @@ class Truncated(AbstractAdjoint):
     ``k = 1`` is the one-step gradient.
 
     The truncated gradient with respect to ``x_T`` is not defined (``x_T`` only reaches the
-    untaped steps) and is refused with a ``ValueError``, never returned as a zero. Memory and
-    time of the backward pass are those of ``adjoint`` over ``k`` steps (docs/math/adjoint.md,
-    "the gradient dial"). Fixed grids only: the last ``k`` steps of an adaptive run are known
-    only when it ends.
+    untaped steps): by default (``x_T_gradient="refuse"``) asking for it is a ``ValueError``,
+    never a zero. ``x_T_gradient="linear"`` defines it explicitly: the Jacobian of the untaped
+    steps, ``d x_s / d x_T`` (``x_s`` the sample where the tape starts, at time ``t_s``), is
+    taken as the schedule's linear part ``alpha(t_s) / alpha(t_0)``, the flow of the
+    probability-flow ODE's linear drift (DDIM's map with the noise prediction held fixed), so
+    ``dL/dx_T = alpha(t_s) / alpha(t_0) dL/dx_s``: a scalar multiple of the gradient with
+    respect to the state the tape starts from (the history of a multistep solver held
+    fixed). Under Adam, which is invariant to that scale, ``x_T`` then moves along
+    ``dL/dx_s``. Memory and time of the backward pass are those of ``adjoint`` over ``k``
+    steps (docs/math/adjoint.md#the-gradient-dial). Fixed grids only: the last ``k`` steps of
+    an adaptive run are known only when it ends.
 
     **Arguments:**
 
     - `k`: the number of final steps differentiated (an int >= 1).
     - `adjoint`: the strategy for those steps.
+    - `x_T_gradient`: ``"refuse"`` (default) or ``"linear"``, see above.
 
     **Example:**
 
@@ -50,19 +58,34 @@ class Truncated(AbstractAdjoint):
     ...     ts=jadeis.time_grid(sch, 10), adjoint=jadeis.Truncated(2)).sum()
     >>> jax.grad(loss)(0.1).shape
     ()
+    >>> lin = jadeis.Truncated(2, x_T_gradient="linear")
+    >>> g = jax.grad(lambda x: jadeis.sample(eps_fn, 0.5, x, 0.1, schedule=sch,
+    ...     ts=jadeis.time_grid(sch, 10), adjoint=lin).sum())(jnp.ones((1, 2)))
+    >>> g.shape
+    (1, 2)
 
     ```
     """
 
     k: int
     adjoint: AbstractAdjoint
+    x_T_gradient: str
 
-    def __init__(self, k: int, adjoint: AbstractAdjoint = DiscreteAdjoint()):
+    def __init__(
+        self, k: int, adjoint: AbstractAdjoint = DiscreteAdjoint(), x_T_gradient: str = "refuse"
+    ):
         self.k = as_int(k)
         self.adjoint = adjoint
+        self.x_T_gradient = x_T_gradient
 
     def __check_init__(self):
         check_int("Truncated", "k", self.k, 1)
+        if self.x_T_gradient not in _X_T_GRADIENTS:
+            raise ValueError(
+                f"Truncated: x_T_gradient must be 'refuse' (no gradient with respect to x_T, "
+                f"the default) or 'linear' (the untaped steps' Jacobian taken as "
+                f"alpha(t_s)/alpha(t_0)), got x_T_gradient={self.x_T_gradient!r}."
+            )
         if not isinstance(self.adjoint, AbstractAdjoint) or isinstance(self.adjoint, Truncated):
             raise ValueError(
                 f"Truncated: adjoint must be a gradient strategy for the last k steps such as "
@@ -87,7 +110,8 @@ class Truncated(AbstractAdjoint):
         if self.k >= n:
             return self.adjoint.run(problem, args)
         start = n - self.k
-        x_T = _no_gradient(args.x_T)
+        linear = self.x_T_gradient == "linear"
+        x_T = args.x_T if linear else _no_gradient(args.x_T)
         # the first steps, without a tape
         frozen = lax.stop_gradient(args._replace(x_T=x_T))
         head = problem._replace(save_trajectory=False)
@@ -102,7 +126,10 @@ class Truncated(AbstractAdjoint):
         )
         # the last k steps, from the state reached, with the inner strategy
         tail = problem._replace(first_step=start, resume=True)
-        out = self.adjoint.run(tail, args._replace(x_T=lax.stop_gradient(res.final)))
+        resumed = lax.stop_gradient(res.final)
+        if linear:
+            resumed = _linear_link(problem, args, resumed, start)
+        out = self.adjoint.run(tail, args._replace(x_T=resumed))
         traj = None
         if problem.save_trajectory:
             head_traj = trajectory(res.saved, res.x_0, res.grid)
@@ -124,6 +151,24 @@ class Truncated(AbstractAdjoint):
         raise NotImplementedError
 
 
+_X_T_GRADIENTS = ("refuse", "linear")
+
+
+def _linear_link(problem: Problem, args: Args, resumed, start: int):
+    """``resumed`` (the state where the tape starts), with ``x_T`` linked to its sample by
+    the constant Jacobian ``alpha(t_s) / alpha(t_0)``: the value is unchanged (``resumed``
+    plus a zero), the gradient of its sample reaches ``x_T`` times that ratio."""
+    grid = lax.stop_gradient(problem.controller.grid(args.schedule, args.ts))
+    sch = lax.stop_gradient(args.schedule)
+    ratio = sch.alpha(grid[start]) / sch.alpha(grid[0])
+    solver = problem.solver
+    x_T = solver.output(problem.init(args.x_T))
+    delta = jax.tree.map(lambda v: ratio.astype(v.dtype) * (v - lax.stop_gradient(v)), x_T)
+    # the sample's place in the solver state (output is a projection: its transpose)
+    (delta,) = jax.linear_transpose(solver.output, resumed)(delta)
+    return jax.tree.map(lambda r, d: r + d, resumed, delta)
+
+
 @functools.partial(jax.custom_vjp)
 def _no_gradient(x_T):
     """The identity; asking for its gradient is a ``ValueError`` (truncation defines none)."""
@@ -136,8 +181,9 @@ def _no_gradient_fwd(x_T):
         raise ValueError(
             "Truncated(k) defines no gradient with respect to x_T: x_T only reaches the first "
             "N - k steps, which are not differentiated. Differentiate with respect to z or the "
-            "parameters, use k >= N (the exact gradient), or an exact strategy such as "
-            "jadeis.DiscreteAdjoint()."
+            "parameters, use k >= N (the exact gradient), an exact strategy such as "
+            "jadeis.DiscreteAdjoint(), or define it explicitly with "
+            "Truncated(k, x_T_gradient='linear')."
         )
     return values, None
 

@@ -1,5 +1,6 @@
 """Guided generation (``guide``, ``Guidance``) and its losses, priors and projections."""
 
+from ._greedy import GreedySolution as GreedySolution, greedy_sample as greedy_sample
 from ._guide import (
     Guidance as Guidance,
     GuideResult as GuideResult,

@@ -61,6 +61,7 @@ from ._morph import (  # noqa: E402
     ranked_pairs as ranked_pairs,
     run_morphs as run_morphs,
     save_figure as save_figure,
+    save_quality_plot as save_quality_plot,
     select_pairs as select_pairs,
     shard_batch as shard_batch,
     slerp as slerp,
