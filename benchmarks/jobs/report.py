@@ -96,23 +96,32 @@ def floors(r) -> tuple[float, float]:
     return (fwd + vjps) / fwd, (fwd + vjps * c) / fwd
 
 
-def grad_fwd_cell(rows, got, problem):
-    """Gradient/forward wall-time ratio of the winning jadeis configuration and its floors
-    (:func:`floors`). Where the forward pass was not timed at that setting, the median of the
-    method's ratios over the settings where it was (marked "med.")."""
+def _grad_over_fwd(r, tkey):
+    """A row's gradient / forward time ratio in the metric of ``tkey`` (wall or CPU)."""
+    if tkey == "t_grad_s":
+        return r.get("grad_over_fwd", float("nan"))
+    g, f = r.get("t_grad_cpu_s"), r.get("t_fwd_cpu_s")
+    return g / f if (_finite(g) and _finite(f) and f > 0) else float("nan")
+
+
+def grad_fwd_cell(rows, got, problem, tkey="t_grad_s"):
+    """Gradient/forward time ratio (wall, or CPU with ``tkey="t_grad_cpu_s"``) of the
+    winning jadeis configuration and its floors (:func:`floors`). Where the forward pass was
+    not timed at that setting, the median of the method's ratios over the settings where it
+    was (marked "med.")."""
     if got is None:
         return "n/a"
     _, r = got
     floor, measured = floors(r)
-    ratio = r.get("grad_over_fwd", float("nan"))
+    ratio = _grad_over_fwd(r, tkey)
     mark = ""
     if not _finite(ratio):
         rs = [
-            x["grad_over_fwd"]
+            _grad_over_fwd(x, tkey)
             for x in rows
             if x["problem"] == problem
             and x["method"] == r["method"]
-            and _finite(x.get("grad_over_fwd", float("nan")))
+            and _finite(_grad_over_fwd(x, tkey))
         ]
         ratio = statistics.median(rs) if rs else float("nan")
         mark = " med."
@@ -121,31 +130,35 @@ def grad_fwd_cell(rows, got, problem):
     return f"{rtxt} (floor {floor:.1f}{mtxt})"
 
 
-def headline(rows, problems):
+def headline(rows, problems, tkey="t_grad_s"):
+    """The headline table in wall time (``tkey="t_grad_s"``, with a CPU-time ratio column)
+    or in process CPU time (``"t_grad_cpu_s"``: every time, winner and ratio by CPU time)."""
+    cpu = tkey == "t_grad_cpu_s"
     lines = [
         "| problem | grad. error | jadeis best | its grad/fwd time (floor) | diffrax best "
         "| hand-written scan best | gradsolve best (record + replay) | jadeis / diffrax "
-        "| jadeis / diffrax, CPU time | jadeis / gradsolve |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        + ("" if cpu else "| jadeis / diffrax, CPU time ")
+        + "| jadeis / gradsolve |",
+        "|---|---|---|---|---|---|---|---|---|" + ("" if cpu else "---|"),
     ]
     verdicts = []
     for p in problems:
         for eps in TARGET_EPS:
-            j = best_time(rows, "jadeis", eps, p)
-            d = best_time(rows, "diffrax", eps, p)
-            s = best_time(rows, "scan", eps, p)
-            g = best_time(rows, "gradsolve", eps, p)
+            j = best_time(rows, "jadeis", eps, p, tkey=tkey)
+            d = best_time(rows, "diffrax", eps, p, tkey=tkey)
+            s = best_time(rows, "scan", eps, p, tkey=tkey)
+            g = best_time(rows, "gradsolve", eps, p, tkey=tkey)
             jc = best_time(rows, "jadeis", eps, p, tkey="t_grad_cpu_s")
             dc = best_time(rows, "diffrax", eps, p, tkey="t_grad_cpu_s")
             ratio = j[0] / d[0] if (j and d) else float("nan")
             ratio_cpu = jc[0] / dc[0] if (jc and dc) else float("nan")
             rtxt = "n/a" if math.isnan(ratio) else f"{ratio:.2f}"
-            ctxt = "n/a" if math.isnan(ratio_cpu) else f"{ratio_cpu:.2f}"
+            ctxt = "" if cpu else ("| n/a " if math.isnan(ratio_cpu) else f"| {ratio_cpu:.2f} ")
             gtxt = f"{j[0] / g[0]:.2f}" if (j and g) else "n/a"
             lines.append(
-                f"| {p} | {eps:g} | {fmt_cfg(j)} | {grad_fwd_cell(rows, j, p)} | {fmt_cfg(d)} "
-                f"| {fmt_cfg(s)} | {fmt_cfg(g, _ran(rows, 'gradsolve', p))} | {rtxt} | {ctxt} "
-                f"| {gtxt} |"
+                f"| {p} | {eps:g} | {fmt_cfg(j)} | {grad_fwd_cell(rows, j, p, tkey)} "
+                f"| {fmt_cfg(d)} | {fmt_cfg(s)} | {fmt_cfg(g, _ran(rows, 'gradsolve', p))} "
+                f"| {rtxt} {ctxt}| {gtxt} |"
             )
             verdicts.append((p, eps, ratio, ratio_cpu))
     return "\n".join(lines), verdicts
@@ -428,6 +441,29 @@ def write_summary(out, info, rows, mem_rows, e2e_rows, ref_rows, compile_rows=()
             else f"{p} @ {e:g}: n/a"
             for p, e, r, rc in verdicts
         ),
+        "",
+    ]
+    share = sorted(
+        r["t_grad_s"] / r["t_grad_cpu_s"]
+        for r in rows
+        if _finite(r.get("t_grad_cpu_s")) and r["t_grad_cpu_s"] > 0 and _finite(r["t_grad_s"])
+    )
+    spread = (
+        f" (wall / CPU time of the gradients in this run: {share[0]:.2f} to {share[-1]:.2f}, "
+        f"median {statistics.median(share):.2f})"
+        if share
+        else ""
+    )
+    md += [
+        "## Headline in process CPU time",
+        "",
+        "The same table with every time the process CPU time of the same repeats (winners, "
+        "interpolation and ratios by CPU time; grad/fwd the CPU-time ratio). On a core shared "
+        "with other jobs a measurement's wall time is its CPU time times a factor set by their "
+        f"load at that moment{spread}, so the wall-time ratio of two methods measured minutes "
+        "apart moves with that factor; the CPU-time ratio does not.",
+        "",
+        headline(rows, stiff, tkey="t_grad_cpu_s")[0],
         "",
     ]
     guide = guidance_headline(rows, stiff)
