@@ -3,8 +3,8 @@
 - timing: :func:`compile_timed` (trace + lower + XLA compile, timed on its own, with the
   compiled scratch memory), :func:`calls_per_batch` / :func:`timed_batch` (synchronised with
   ``jax.block_until_ready``; fast calls are batched), :func:`time_call` (median, and
-  optionally the fastest, of repeated batches after a warm-up), :func:`timed_call` (wall and
-  process CPU time of one synchronised call), :func:`quartiles`;
+  optionally the fastest and the process CPU time, of repeated batches after a warm-up),
+  :func:`timed_call` (wall and process CPU time of one synchronised call), :func:`quartiles`;
 - memory: :func:`peak_rss_mb`, :func:`temp_bytes` (``memory_analysis().temp_size_in_bytes``);
 - the machine and versions: :func:`machine_info`, :func:`machine_md`;
 - output: :func:`write_csv`, :func:`read_csv`, :func:`md_table`, :func:`log`;
@@ -83,15 +83,28 @@ def timed_batch(fn, args, calls: int) -> float:
     return (time.perf_counter() - t0) / calls
 
 
-def time_call(fn, args, reps: int, min_batch_s: float = 0.08, with_min: bool = False):
+def time_call(
+    fn, args, reps: int, min_batch_s: float = 0.08, with_min: bool = False,
+    with_cpu: bool = False,
+):
     """Median seconds per call over ``reps`` batches, after a warm-up call; fast calls are
     batched (each batch runs >= ``min_batch_s``, at most 100 calls). With ``with_min``,
-    also the fastest batch."""
+    also the fastest batch; with ``with_cpu``, also the median process CPU time per call
+    over the same batches (every thread of the process: on a core shared with other
+    processes it counts only this process's work, so it moves far less with their load
+    than the wall time does)."""
     calls = calls_per_batch(fn, args, min_batch_s, max_calls=100)
-    samples = [timed_batch(fn, args, calls) for _ in range(reps)]
+    samples, cpu = [], []
+    for _ in range(reps):
+        c0 = time.process_time()
+        samples.append(timed_batch(fn, args, calls))
+        cpu.append((time.process_time() - c0) / calls)
+    out = (statistics.median(samples),)
     if with_min:
-        return statistics.median(samples), min(samples)
-    return statistics.median(samples)
+        out += (min(samples),)
+    if with_cpu:
+        out += (statistics.median(cpu),)
+    return out if len(out) > 1 else out[0]
 
 
 def timed_call(fn, *args) -> tuple[float, float]:

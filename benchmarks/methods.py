@@ -107,6 +107,7 @@ class Method:
 #   quick          the --quick sweep (and, with "grid", the digits sweep)
 #   unet           the unet sweep (a gradient step costs ~0.4 s on 2 CPU cores: four methods)
 #   grid           a non-default time grid (karras, quadratic)
+#   per-example    jadeis.PerExamplePIDController (the worst example of the batch decides)
 #   gaussian       the sanity check against the Gaussian closed form
 #   compile-quick  the --quick cold-compile table
 #   memory, memory-quick      the memory-vs-N job (full, --quick)
@@ -196,19 +197,31 @@ def jadeis_method(name, solver, adjoint, counts, note="", spacing="logsnr", tags
     return Method(name, "jadeis", "N", make, counts, key, note, spacing, tags, grid_key)
 
 
-def jadeis_adaptive(name, inner, adjoint, pid=(0.0, 1.0, 0.0), max_steps=1024, note="",
-                    tags=()):
-    """inner under jadeis.PIDController(rtol=atol=tol) from t_max to t_min; the tolerance is
-    static (one compilation per tolerance); evaluations and VJPs counted by instrumentation,
-    accepted steps from the run's jadeis.Stats."""
+def adaptive_max_steps(tol: float) -> int:
+    """The attempt budget of the adaptive jadeis methods at a tolerance: 256 down to 1e-5,
+    1024 below. A gradient keeps a buffer of ``max_steps`` states (zero-filled on every call:
+    8 MB on the mixture at 1024, ~0.3 ms of CPU time), so the budget is sized to the
+    tolerance, as a user would; every run of the sweep stays below it (a run that reaches it
+    fails with an error, recorded as a failed setting)."""
+    return 256 if tol >= 1e-5 else 1024
+
+
+def jadeis_adaptive(name, inner, adjoint, pid=(0.0, 1.0, 0.0), max_steps=None, note="",
+                    tags=(), controller_cls=None):
+    """inner under jadeis.PIDController(rtol=atol=tol) (or ``controller_cls``) from t_max to
+    t_min; the tolerance is static (one compilation per tolerance); ``max_steps`` None:
+    :func:`adaptive_max_steps`; evaluations and VJPs counted by instrumentation, accepted
+    steps from the run's jadeis.Stats."""
     pcoeff, icoeff, dcoeff = pid
+    cls = jadeis.PIDController if controller_cls is None else controller_cls
 
     def make(problem, eps_fn=None, xT_only=False, tol=1e-3):
         eps_fn = problem.eps_fn if eps_fn is None else eps_fn
         sch = problem.schedule
-        controller = jadeis.PIDController(
+        budget = adaptive_max_steps(float(tol)) if max_steps is None else max_steps
+        controller = cls(
             rtol=float(tol), atol=float(tol), pcoeff=pcoeff, icoeff=icoeff,
-            dcoeff=dcoeff, max_steps=max_steps,
+            dcoeff=dcoeff, max_steps=budget,
         )
 
         def x0_fn(x_T, z, params, extra, adj=adjoint):
@@ -225,7 +238,7 @@ def jadeis_adaptive(name, inner, adjoint, pid=(0.0, 1.0, 0.0), max_steps=1024, n
         return fwd, _loss_grad(problem, x0_fn, xT_only)
 
     kind = type(inner).__name__
-    key = f"jadeis Adaptive {kind}({inner.order}) {pid}"
+    key = f"jadeis Adaptive {kind}({inner.order}) {pid} {cls.__name__}"
     tags = frozenset({"jadeis", "adaptive", *tags})
     stages = inner.evals_per_step  # model evaluations per attempted step
     return Method(
@@ -574,6 +587,18 @@ def all_methods() -> list[Method]:
                 tags=("discrete", f"ss{order}", *roles),
             )
         )
+    ms.append(
+        jadeis_adaptive(
+            "Adaptive DPM-Solver-23 (data) per-example",
+            jadeis.SinglestepDPMSolver(3, "data"),
+            jadeis.DiscreteAdjoint(),
+            controller_cls=jadeis.PerExamplePIDController,
+            note="as Adaptive DPM-Solver-23 under jadeis.PerExamplePIDController: the error "
+            "norm is each example's RMS, the worst example decides (a step is accepted when "
+            "every example's trajectory meets the tolerance)",
+            tags=("discrete", "ss3", "per-example"),
+        )
+    )
     ms.append(
         jadeis_adaptive(
             "Adaptive DPM-Solver-23 (data) PI",

@@ -488,6 +488,70 @@ def _set_reference(problem, kept, other, method, seconds, log):
     )
 
 
+def input_dtype(problem: Problem):
+    """The floating dtype of the problem's inputs (``x_T``): the precision its methods run in."""
+    return jnp.dtype(jax.tree.leaves(problem.x_T)[0].dtype)
+
+
+def cast_inputs(problem: Problem, dtype) -> Problem:
+    """The problem with ``x_T``, ``z`` and the parameters' floating leaves in ``dtype`` (the
+    methods then sample and differentiate in that precision; the float64 reference, the
+    loss's target and the schedule stay as they are)."""
+
+    def cast(tree):
+        return jax.tree.map(
+            lambda v: v.astype(dtype) if jnp.issubdtype(jnp.asarray(v).dtype, jnp.floating) else v,
+            tree,
+        )
+
+    return dataclasses.replace(
+        problem,
+        x_T=cast(problem.x_T),
+        z=cast(problem.z),
+        params=cast(problem.params),
+        info={**problem.info, "dtype": jnp.dtype(dtype).name},
+    )
+
+
+def model_costs(problem: Problem, reps: int = 5, calls: int = 16) -> dict:
+    """Process CPU time of one model call and of one VJP of it (with its own forward
+    evaluation; with respect to x, z and the parameters) on the problem's inputs at t = 0.5,
+    and their ratio: what a gradient's backward pass costs per model call on this machine.
+    Each is timed as a compiled loop of ``calls`` dependent calls (no per-call dispatch, as
+    inside a sampler). Recorded per problem (``info``) and used by the summary's "floor at
+    the measured VJP cost"."""
+    eps_fn, x, z, params = problem.eps_fn, problem.x_T, problem.z, problem.params
+    dtype = input_dtype(problem)
+    t = jnp.asarray(0.5, dtype)
+    small = jnp.asarray(1e-6, dtype)
+
+    def evals(p, x, z):
+        def body(_, x):
+            return x + small * eps_fn(p, x, t, z).astype(x.dtype)
+
+        return jax.lax.fori_loop(0, calls, body, x)
+
+    def vjps(p, x, z):
+        def body(_, c):
+            x, acc = c
+            out, vjp = jax.vjp(lambda *a: eps_fn(a[0], a[1], t, a[2]), p, x, z)
+            gp, gx, gz = vjp(out)
+            leaves = jax.tree.leaves((gp, gz))
+            tot = sum(jnp.sum(v).astype(dtype) for v in leaves)
+            return x + small * gx.astype(x.dtype), acc + tot
+
+        return jax.lax.fori_loop(0, calls, body, (x, jnp.zeros((), dtype)))
+
+    e, v = jax.jit(evals), jax.jit(vjps)
+    _, _, c_call = C.time_call(e, (params, x, z), reps, with_min=True, with_cpu=True)
+    _, _, c_vjp = C.time_call(v, (params, x, z), reps, with_min=True, with_cpu=True)
+    return {
+        "cpu_us_per_call": round(1e6 * c_call / calls, 2),
+        "cpu_us_per_vjp": round(1e6 * c_vjp / calls, 2),
+        "vjp_over_eval": round(c_vjp / c_call, 3),
+    }
+
+
 def build_problems(names, *, quick: bool, log=print, reference: bool = True) -> list[Problem]:
     out = []
     for name in names:
@@ -509,5 +573,10 @@ def build_problems(names, *, quick: bool, log=print, reference: bool = True) -> 
             raise ValueError(f"unknown problem {name!r}")
         if reference and p.reference is None:
             compute_reference(p, quick=quick, log=log)
+        p.info.update(model_costs(p))
+        log(
+            f"  model call {p.info['cpu_us_per_call']:.1f} us, VJP {p.info['cpu_us_per_vjp']:.1f} "
+            f"us of CPU time (ratio {p.info['vjp_over_eval']:.2f})"
+        )
         out.append(p)
     return out

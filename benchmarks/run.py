@@ -7,6 +7,8 @@ a wall-clock budget, default 270 s; results in ``benchmarks/results/gpu-quick-<d
 
 Writes to ``benchmarks/results/`` (``--quick``: ``benchmarks/results/quick/``): CSV files, a
 Markdown summary (``summary.md``), PNG plots and ``machine.json`` (machine and versions).
+``--dtype float32`` runs the methods in float32 (the references stay float64): sweep and
+report only, into ``benchmarks/results/float32/``.
 
 The jobs live in ``benchmarks/jobs/``, one module each; this script builds the problems,
 runs the chosen jobs in order and writes their files:
@@ -41,6 +43,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 jax.config.update("jax_enable_x64", True)
 
@@ -82,6 +85,14 @@ def parse_args(argv=None):
         "--out", default=None, help="output folder (default benchmarks/results[/quick])"
     )
     ap.add_argument("--reps", type=int, default=None, help="timing repeats (median)")
+    ap.add_argument(
+        "--dtype",
+        choices=("float64", "float32"),
+        default="float64",
+        help="precision of x_T, z and the parameters, so of every method's sampling and "
+        "gradient (the references stay float64); float32: sweep and report only, results in "
+        "benchmarks/results/float32/ (gradsolve, float64 only, is skipped)",
+    )
     ap.add_argument(
         "--jobs", default=None, help=f"comma-separated, of {','.join(JOBS)} (default: all)"
     )
@@ -130,11 +141,12 @@ def default_out(args) -> Path:
         return Path(args.out)
     if args.gpu_quick:
         return HERE / "results" / f"gpu-quick-{device_slug()}"
-    return HERE / "results" / ("quick" if args.quick else "")
+    base = HERE / "results" / ("quick" if args.quick else "")
+    return base / "float32" if args.dtype == "float32" else base
 
 
 def chosen_jobs(args):
-    if args.gpu_quick and args.jobs is None:
+    if (args.gpu_quick or args.dtype == "float32") and args.jobs is None:
         return {"sweep", "report"}
     jobs = set(JOBS if args.jobs is None else args.jobs.split(","))
     unknown = jobs - set(JOBS)
@@ -191,7 +203,7 @@ def main(argv=None):
         mode="gpu-quick" if args.gpu_quick else ("quick" if args.quick else "full"),
         device_kind=str(getattr(jax.devices()[0], "device_kind", "")),
         budget_s=args.budget_s,
-        dtype="float64",
+        dtype=args.dtype,
         repeats=args.reps,
         jobs=sorted(jobs),
         methods=args.methods,
@@ -206,6 +218,9 @@ def main(argv=None):
         all_ms = M.select(all_ms, "!redundant")
     needs_problems = jobs & {"sweep", "compile", "e2e"}
     problems = P.build_problems(names, quick=args.quick, log=log) if needs_problems else []
+    if args.dtype != "float64":
+        # the references are float64 solves; the methods run in the chosen precision
+        problems = [P.cast_inputs(p, jnp.dtype(args.dtype)) for p in problems]
 
     rows = []
     if "sweep" in jobs:

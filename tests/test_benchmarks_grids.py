@@ -84,7 +84,7 @@ def test_headline_shows_nfe_and_floor():
     assert "NFE 96 = 64+32" in text
     assert "2.50 (floor 2.0)" in text  # the winning row's own ratio
     assert "2.50 med. (floor 2.0)" in text  # N = 64: no forward timing, the median
-    assert all(not math.isnan(r) for _, _, r in verdicts)
+    assert all(not math.isnan(r) for _, _, r, _ in verdicts)
 
 
 def test_learned_table_pairs_with_the_logsnr_method():

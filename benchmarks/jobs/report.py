@@ -74,54 +74,93 @@ def _finite(v):
     return isinstance(v, (int, float)) and not math.isnan(v)
 
 
-def grad_fwd_cell(rows, got, problem):
-    """Gradient/forward wall-time ratio of the winning jadeis configuration and its floor
-    (evals_fwd + VJPs) / evals_fwd, the fewest model calls a gradient needs relative to the
-    forward pass (every jadeis sampler here evaluates the model once per step, so
-    evals_fwd = N). Where the forward pass was not timed at that N, the median of the
-    method's ratios over the N where it was (marked "med.")."""
+def forward_evals(r) -> float:
+    """Model evaluations of the forward pass of a gradient row: the counted evaluations less
+    the backward pass's rematerialised ones (one per VJP; none for Backprop, which keeps the
+    activations)."""
+    evals, vjps = float(r["evals"]), float(r["vjps"])
+    return evals if "Backprop" in str(r["method"]) else evals - vjps
+
+
+def floors(r) -> tuple[float, float]:
+    """``(floor, floor at the measured VJP cost)`` of a gradient row's grad/fwd ratio: a
+    gradient that adds only its VJPs to the forward pass, with a VJP costing one model call,
+    and costing what one VJP (its forward evaluation included; Backprop: without it, the
+    activations are kept) costs on this machine relative to a call (``vjp_over_eval``,
+    measured per problem; NaN where not recorded)."""
+    fwd, vjps = forward_evals(r), float(r["vjps"])
+    c = r.get("vjp_over_eval", float("nan"))
+    c = float(c) if _finite(c) else float("nan")
+    if "Backprop" in str(r["method"]):
+        c = c - 1.0
+    return (fwd + vjps) / fwd, (fwd + vjps * c) / fwd
+
+
+def _grad_over_fwd(r, tkey):
+    """A row's gradient / forward time ratio in the metric of ``tkey`` (wall or CPU)."""
+    if tkey == "t_grad_s":
+        return r.get("grad_over_fwd", float("nan"))
+    g, f = r.get("t_grad_cpu_s"), r.get("t_fwd_cpu_s")
+    return g / f if (_finite(g) and _finite(f) and f > 0) else float("nan")
+
+
+def grad_fwd_cell(rows, got, problem, tkey="t_grad_s"):
+    """Gradient/forward time ratio (wall, or CPU with ``tkey="t_grad_cpu_s"``) of the
+    winning jadeis configuration and its floors (:func:`floors`). Where the forward pass was
+    not timed at that setting, the median of the method's ratios over the settings where it
+    was (marked "med.")."""
     if got is None:
         return "n/a"
     _, r = got
-    floor = (int(r["steps"]) + int(r["vjps"])) / int(r["steps"])
-    ratio = r.get("grad_over_fwd", float("nan"))
+    floor, measured = floors(r)
+    ratio = _grad_over_fwd(r, tkey)
     mark = ""
     if not _finite(ratio):
         rs = [
-            x["grad_over_fwd"]
+            _grad_over_fwd(x, tkey)
             for x in rows
             if x["problem"] == problem
             and x["method"] == r["method"]
-            and _finite(x.get("grad_over_fwd", float("nan")))
+            and _finite(_grad_over_fwd(x, tkey))
         ]
         ratio = statistics.median(rs) if rs else float("nan")
         mark = " med."
     rtxt = "n/a" if math.isnan(ratio) else f"{ratio:.2f}{mark}"
-    return f"{rtxt} (floor {floor:.1f})"
+    mtxt = "" if math.isnan(measured) else f", {measured:.1f} at the measured VJP cost"
+    return f"{rtxt} (floor {floor:.1f}{mtxt})"
 
 
-def headline(rows, problems):
+def headline(rows, problems, tkey="t_grad_s"):
+    """The headline table in wall time (``tkey="t_grad_s"``, with a CPU-time ratio column)
+    or in process CPU time (``"t_grad_cpu_s"``: every time, winner and ratio by CPU time)."""
+    cpu = tkey == "t_grad_cpu_s"
     lines = [
         "| problem | grad. error | jadeis best | its grad/fwd time (floor) | diffrax best "
         "| hand-written scan best | gradsolve best (record + replay) | jadeis / diffrax "
-        "| jadeis / gradsolve |",
-        "|---|---|---|---|---|---|---|---|---|",
+        + ("" if cpu else "| jadeis / diffrax, CPU time ")
+        + "| jadeis / gradsolve |",
+        "|---|---|---|---|---|---|---|---|---|" + ("" if cpu else "---|"),
     ]
     verdicts = []
     for p in problems:
         for eps in TARGET_EPS:
-            j = best_time(rows, "jadeis", eps, p)
-            d = best_time(rows, "diffrax", eps, p)
-            s = best_time(rows, "scan", eps, p)
-            g = best_time(rows, "gradsolve", eps, p)
+            j = best_time(rows, "jadeis", eps, p, tkey=tkey)
+            d = best_time(rows, "diffrax", eps, p, tkey=tkey)
+            s = best_time(rows, "scan", eps, p, tkey=tkey)
+            g = best_time(rows, "gradsolve", eps, p, tkey=tkey)
+            jc = best_time(rows, "jadeis", eps, p, tkey="t_grad_cpu_s")
+            dc = best_time(rows, "diffrax", eps, p, tkey="t_grad_cpu_s")
             ratio = j[0] / d[0] if (j and d) else float("nan")
+            ratio_cpu = jc[0] / dc[0] if (jc and dc) else float("nan")
             rtxt = "n/a" if math.isnan(ratio) else f"{ratio:.2f}"
+            ctxt = "" if cpu else ("| n/a " if math.isnan(ratio_cpu) else f"| {ratio_cpu:.2f} ")
             gtxt = f"{j[0] / g[0]:.2f}" if (j and g) else "n/a"
             lines.append(
-                f"| {p} | {eps:g} | {fmt_cfg(j)} | {grad_fwd_cell(rows, j, p)} | {fmt_cfg(d)} "
-                f"| {fmt_cfg(s)} | {fmt_cfg(g, _ran(rows, 'gradsolve', p))} | {rtxt} | {gtxt} |"
+                f"| {p} | {eps:g} | {fmt_cfg(j)} | {grad_fwd_cell(rows, j, p, tkey)} "
+                f"| {fmt_cfg(d)} | {fmt_cfg(s)} | {fmt_cfg(g, _ran(rows, 'gradsolve', p))} "
+                f"| {rtxt} {ctxt}| {gtxt} |"
             )
-            verdicts.append((p, eps, ratio))
+            verdicts.append((p, eps, ratio, ratio_cpu))
     return "\n".join(lines), verdicts
 
 
@@ -353,7 +392,8 @@ def write_summary(out, info, rows, mem_rows, e2e_rows, ref_rows, compile_rows=()
         "",
         f"Machine: {info['cpu']}, {info['cpu_count']} cores (shared), {info['jax_backend']}; "
         f"jax {info['jax']}, diffrax {info['diffrax']}, equinox {info['equinox']}, "
-        f"optax {info['optax']}; float64; {info['mode']} run of {info['date_utc']} UTC, "
+        f"optax {info['optax']}; {info.get('dtype', 'float64')}; {info['mode']} run of "
+        f"{info['date_utc']} UTC, "
         f"{info['total_seconds']:.0f} s; load average {info['load_average_at_start']} -> "
         f"{info['load_average_at_end']}. Times are medians of {info['repeats']} repeats after "
         f"warm-up (compile time separate).",
@@ -386,13 +426,44 @@ def write_summary(out, info, rows, mem_rows, e2e_rows, ref_rows, compile_rows=()
         "evaluations + VJPs) / forward evaluations, the ratio of a gradient that adds only "
         "the VJPs to the forward pass, if a VJP cost one evaluation.",
         "",
-        "Target: jadeis / diffrax <= 0.33. "
+        "jadeis / diffrax, CPU time: the same ratio from the process CPU time of the same "
+        "repeats (each side's best method by CPU time): on a core shared with other jobs the "
+        "wall time of each measurement depends on their load at that moment, the CPU time "
+        "much less. The floor at the measured VJP cost uses one VJP of the model (with its "
+        "forward evaluation) = `vjp_over_eval` model calls, measured per problem.",
+        "",
+        "Target: jadeis / diffrax <= 0.33 (wall time; CPU time in brackets). "
         + "; ".join(
-            f"{p} @ {e:g}: {'met' if r <= 1 / 3 else 'NOT met'} ({r:.2f})"
+            f"{p} @ {e:g}: {'met' if r <= 1 / 3 else 'NOT met'} ({r:.2f}"
+            + ("" if math.isnan(rc) else f"; CPU {rc:.2f}")
+            + ")"
             if not math.isnan(r)
             else f"{p} @ {e:g}: n/a"
-            for p, e, r in verdicts
+            for p, e, r, rc in verdicts
         ),
+        "",
+    ]
+    share = sorted(
+        r["t_grad_s"] / r["t_grad_cpu_s"]
+        for r in rows
+        if _finite(r.get("t_grad_cpu_s")) and r["t_grad_cpu_s"] > 0 and _finite(r["t_grad_s"])
+    )
+    spread = (
+        f" (wall / CPU time of the gradients in this run: {share[0]:.2f} to {share[-1]:.2f}, "
+        f"median {statistics.median(share):.2f})"
+        if share
+        else ""
+    )
+    md += [
+        "## Headline in process CPU time",
+        "",
+        "The same table with every time the process CPU time of the same repeats (winners, "
+        "interpolation and ratios by CPU time; grad/fwd the CPU-time ratio). On a core shared "
+        "with other jobs a measurement's wall time is its CPU time times a factor set by their "
+        f"load at that moment{spread}, so the wall-time ratio of two methods measured minutes "
+        "apart moves with that factor; the CPU-time ratio does not.",
+        "",
+        headline(rows, stiff, tkey="t_grad_cpu_s")[0],
         "",
     ]
     guide = guidance_headline(rows, stiff)

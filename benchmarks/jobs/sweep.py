@@ -151,6 +151,9 @@ def sweep_measured(problem, method, *, quick, reps, time_budget_s, gpu_quick=Fal
     if method.family == "gradsolve" and gradsolve_peer.available() is None:
         log(f"    {method.name}: gradsolve is not installed (pip install gradsolve); skipped")
         return
+    if method.family == "gradsolve" and P.input_dtype(problem) != jnp.float64:
+        log(f"    {method.name}: gradsolve's general path is float64 only; skipped")
+        return
     run_time = 0.0
     for setting in settings_for(method, quick, problem.name, gpu_quick):
         try:
@@ -221,6 +224,7 @@ def _sweep_method(problem, method0, shared, *, quick, reps, time_budget_s, xT_al
     compiled_fwd = None
     compiled_gx = None
     settings = settings_for(method, quick, problem.name, gpu_quick)
+    dtype = P.input_dtype(problem)  # the grids and tolerances in the inputs' precision
     if method.spacing == "learned":
         settings = learned_settings(method, problem.name, settings)
     for setting in settings:
@@ -231,13 +235,11 @@ def _sweep_method(problem, method0, shared, *, quick, reps, time_budget_s, xT_al
             fwd, grad = method.make(problem)
             compiled_grad = compiled_fwd = compiled_gx = None
         if method.spacing == "learned":
-            extra = G.load_grid(problem.name, method.grid_key, setting)
+            extra = G.load_grid(problem.name, method.grid_key, setting).astype(dtype)
         elif method.variable == "N":
-            extra = jadeis.time_grid(
-                problem.schedule, setting, method.spacing, dtype=jnp.float64
-            )
+            extra = jadeis.time_grid(problem.schedule, setting, method.spacing, dtype=dtype)
         else:
-            extra = jnp.asarray(setting, jnp.float64)
+            extra = jnp.asarray(setting, dtype)
         args = args0 + (extra,)
         if method.variable == "N" or compiled_grad is None:
             compiled_grad, c_grad, temp = C.compile_timed(grad, args)
@@ -258,7 +260,9 @@ def _sweep_method(problem, method0, shared, *, quick, reps, time_budget_s, xT_al
             "err_params": P.rel_err(gp, ref["params"]),
         }
         errs["err_grad"] = max(errs["err_xT"], errs["err_z"], errs["err_params"])
-        t_grad, t_grad_min = C.time_call(compiled_grad, args, reps, with_min=True)
+        t_grad, t_grad_min, t_grad_cpu = C.time_call(
+            compiled_grad, args, reps, with_min=True, with_cpu=True
+        )
         run_time += time.perf_counter() - t_run
         # forward sampling time (shared by methods with the same sampler and setting)
         fkey = (method.forward_key, float(setting))
@@ -267,8 +271,8 @@ def _sweep_method(problem, method0, shared, *, quick, reps, time_budget_s, xT_al
         if fkey not in fwd_cache and (method.variable == "tol" or setting in fwd_ns):
             if method.variable == "N" or compiled_fwd is None:
                 compiled_fwd, _, temp_fwd = C.compile_timed(fwd, args)
-            fwd_cache[fkey] = (C.time_call(compiled_fwd, args, reps), temp_fwd)
-        t_fwd, temp_fwd = fwd_cache.get(fkey, (float("nan"), -1))
+            fwd_cache[fkey] = (C.time_call(compiled_fwd, args, reps, with_cpu=True), temp_fwd)
+        (t_fwd, t_fwd_cpu), temp_fwd = fwd_cache.get(fkey, ((float("nan"), float("nan")), -1))
         t_grad_xT = float("nan")
         # guidance: only dL/dx_T
         if (setting in XT_ONLY_AT or xT_all) and problem.name != "unet":
@@ -308,8 +312,11 @@ def _sweep_method(problem, method0, shared, *, quick, reps, time_budget_s, xT_al
             **errs,
             "t_grad_s": t_grad,
             "t_grad_min_s": t_grad_min,
+            "t_grad_cpu_s": t_grad_cpu,
             "t_fwd_s": t_fwd,
+            "t_fwd_cpu_s": t_fwd_cpu,
             "grad_over_fwd": t_grad / t_fwd,
+            "vjp_over_eval": problem.info.get("vjp_over_eval", float("nan")),
             "t_grad_xT_s": t_grad_xT,
             "grad_xT_over_fwd": t_grad_xT / t_fwd,
             "compile_grad_s": c_grad,

@@ -42,6 +42,7 @@ Timings (medians over repeats, compilation separate):
   with the steps as an argument of one compiled function (recompiled only when the longest
   trajectory's step count changes; constant while the timing repeats). They are the cost of
   gradsolve's algorithm without that recompilation.
+- ``t_grad_cpu_s``: the process CPU time of ``t_grad_s`` (steadier on a shared core).
 - ``t_public_xT_s``: the documented API per guidance iteration, as is: ``grad_closure(...,
   wrt="y0")`` (its ``"auto"`` recorder: the host numpy loop on a CPU with fewer than 32
   trajectories, the device loop otherwise) plus ``jax.jit(jax.grad(loss of the closure))``
@@ -259,20 +260,24 @@ def reverse_time_check() -> dict:
     return {"returned": got, "exact": float(np.e), "silent_identity": got == 1.0}
 
 
-def _median_time(fn, reps, min_s=0.05):
+def _median_time(fn, reps, min_s=0.05, with_cpu=False):
     """Median seconds per call over ``reps`` batches after one warm-up call (fast calls
-    batched to >= ``min_s`` per batch)."""
+    batched to >= ``min_s`` per batch); with ``with_cpu``, also the median process CPU time
+    per call (as ``common.time_call``)."""
     fn()
     t0 = time.perf_counter()
     fn()
     one = max(time.perf_counter() - t0, 1e-7)
     calls = max(1, min(100, int(np.ceil(min_s / one))))
-    out = []
+    out, cpu = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         for _ in range(calls):
             fn()
         out.append((time.perf_counter() - t0) / calls)
+        cpu.append((time.process_time() - c0) / calls)
+    if with_cpu:
+        return statistics.median(out), statistics.median(cpu)
     return statistics.median(out)
 
 
@@ -385,10 +390,11 @@ def measure(
         d, _, _ = peer.record(peer.ode_full, y0, prow, tol)
         return jax.block_until_ready(compiled_f(fargs[0], fargs[1], jnp.asarray(d)))
 
-    t_grad = _median_time(rerecord_full, reps)
+    t_grad, t_grad_cpu = _median_time(rerecord_full, reps, with_cpu=True)
     row.update(
         **errs,
         t_grad_s=t_grad,
+        t_grad_cpu_s=t_grad_cpu,
         t_replay_s=t_replay,
         t_record_full_s=t_record_full,
         t_fwd_s=t_record,

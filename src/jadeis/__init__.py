@@ -19,7 +19,8 @@ Solvers (``solver=``)
     (``threshold=``) of the data-prediction solvers.
 Step-size controllers (``controller=``)
     ``FixedGrid`` (the steps of ``ts``; default) and ``PIDController`` (adaptive steps with
-    error control); ``Adaptive`` is a solver and a PID controller in one ``solver=`` argument;
+    error control; ``PerExamplePIDController``: the same, on every example of a batch);
+    ``Adaptive`` is a solver and a PID controller in one ``solver=`` argument;
     ``AbstractController``, ``AbstractGridController``, ``AbstractAdaptiveController``.
 Gradient strategies (``adjoint=``)
     ``DiscreteAdjoint`` (default: the exact gradient of the sampler), ``AdjointDEIS`` (the
@@ -63,6 +64,7 @@ if _TYPE_CHECKING:
         AbstractGridController as AbstractGridController,
         Adaptive as Adaptive,
         FixedGrid as FixedGrid,
+        PerExamplePIDController as PerExamplePIDController,
         PIDController as PIDController,
     )
     from ._encode import encode_ode as encode_ode, encode_sde as encode_sde
@@ -156,6 +158,7 @@ _EXPORTS = {
     "Loss": "._guidance",
     "NormPrior": "._guidance",
     "PIDController": "._controller",
+    "PerExamplePIDController": "._controller",
     "PerStep": "._conditioning",
     "RectifiedFlow": "._schedule",
     "ReversibleAdjoint": "._adjoint",
@@ -240,6 +243,7 @@ __all__ = [
     "Loss",
     "NormPrior",
     "PIDController",
+    "PerExamplePIDController",
     "PerStep",
     "RectifiedFlow",
     "ReversibleAdjoint",

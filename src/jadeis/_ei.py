@@ -43,7 +43,8 @@ def phi(k: int, z):
 
     The closed forms (``expm1(z)/z``, ``(expm1(z) - z)/z^2``, ...) cancel catastrophically
     for small ``|z|``; there the Taylor series is summed instead. Safe under ``grad`` (no
-    NaN from the unused branch).
+    NaN from the unused branch). :func:`phis` gives ``phi_1 .. phi_k`` of one argument at
+    the cost of one.
 
     **Example:**
 
@@ -55,6 +56,19 @@ def phi(k: int, z):
 
     ```
     """
+    return phis(k, z)[k - 1]
+
+
+def phis(k: int, z) -> tuple:
+    r"""``(phi_1(z), ..., phi_k(z))`` for k = 1 .. 4, sharing one series and one ``expm1``.
+
+    For ``|z| < 1`` the Taylor series of $\varphi_k$ is summed and the lower ones follow
+    from $\varphi_j(z) = 1/j! + z \varphi_{j+1}(z)$ (no cancellation: $|z \varphi_{j+1}|$
+    stays below $1/j!$ there); for ``|z| >= 1``, $\varphi_1 = \mathrm{expm1}(z)/z$ and
+    $\varphi_{j+1} = (\varphi_j - 1/j!)/z$, the closed forms of :func:`phi` written as a
+    recurrence. One evaluation serves every weight of a step (fewer compiled kernels, and
+    less compile time, than ``k`` separate ones).
+    """
     if k not in (1, 2, 3, 4):
         raise ValueError(f"phi: k must be 1, 2, 3 or 4, got {k}.")
     z = jnp.asarray(z)
@@ -63,12 +77,15 @@ def phi(k: int, z):
     series = jnp.zeros_like(z)
     for n in reversed(range(SERIES_TERMS)):
         series = series * zs + 1.0 / math.factorial(n + k)
+    low = [series]  # phi_k, phi_{k-1}, ..., phi_1 for |z| < 1
+    for j in range(k - 1, 0, -1):
+        low.append(1.0 / math.factorial(j) + zs * low[-1])
+    low.reverse()
     zl = jnp.where(small, jnp.ones_like(z), z)
-    closed = jnp.expm1(zl)
-    for n in range(1, k):  # subtract the first k - 1 Taylor terms of expm1
-        closed = closed - zl**n / math.factorial(n)
-    closed = closed / zl**k
-    return jnp.where(small, series, closed)
+    high = [jnp.expm1(zl) / zl]  # phi_1, ..., phi_k for |z| >= 1
+    for j in range(1, k):
+        high.append((high[-1] - 1.0 / math.factorial(j)) / zl)
+    return tuple(jnp.where(small, a, b) for a, b in zip(low, high))
 
 
 # ---------------------------------------------------------------------------------------
@@ -105,12 +122,13 @@ def multistep_weights(lam_t, lam_s, lam_1, lam_2, kappa: float, order, midpoint:
     zero = jnp.zeros_like(h)
     limit = 1.0 / kappa if kappa > 0 else jnp.inf
     # c_n = int_0^h exp(kappa (u - h)) u^n / n! du = h^(n+1) phi_(n+1)(-kappa h)
-    c0 = h * phi(1, -kappa * h)
+    ph = phis(3 if top >= 3 else (2 if (top == 2 and not midpoint) else 1), -kappa * h)
+    c0 = h * ph[0]
     if top == 1:
         w0 = jnp.where(inf_h, limit, c0)
         return jnp.stack([w0, zero, zero], axis=-1)
     order = jnp.where(inf_h, 1, order)
-    c1 = h**2 * phi(2, -kappa * h) if (top >= 3 or not midpoint) else None
+    c1 = h**2 * ph[1] if (top >= 3 or not midpoint) else None
     use2 = order >= 2
     one = jnp.ones_like(h)
     h0 = jnp.where(use2, lam_s - lam_1, one)
@@ -123,7 +141,7 @@ def multistep_weights(lam_t, lam_s, lam_1, lam_2, kappa: float, order, midpoint:
         w0 = jnp.where(inf_h, limit, w0)
         w1 = jnp.where(use2, w2_1, zero)
         return jnp.stack([w0, w1, zero], axis=-1)
-    c2 = h**3 * phi(3, -kappa * h)
+    c2 = h**3 * ph[2]
     use3 = order >= 3
     h1 = jnp.where(use3, lam_1 - lam_2, one)
     # order 3: Newton form, F'(lam_s) = d1 + h0 c, F'' = 2c with c the 2nd divided difference

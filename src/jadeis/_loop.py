@@ -39,8 +39,10 @@ class Grid(NamedTuple):
       and the entries after ``count`` repeat the end time.
     - `count`: the number of accepted steps (a Python int for a grid fixed in advance, a
       traced int32 for an adaptive run).
-    - `rows`: the solver's inputs of every step of a fixed grid (``None`` for an adaptive
-      run: a step's inputs are recomputed from the times, with the same formulas).
+    - `rows`: the solver's inputs of every step: computed before the loop on a fixed grid;
+      for an adaptive run that keeps its states (``save``), those its accepted attempts
+      used (``max_steps`` rows); otherwise ``None`` (a step's inputs are then recomputed
+      from the times, with the same formulas).
     """
 
     ts: Array
@@ -203,6 +205,10 @@ def _adaptive(problem: Problem, args: Args, save, bounded: bool):
     t_start = cstate0.t
 
     reuse = solver.first_evaluation_at_state
+    # a gradient strategy's backward pass reads the inputs each accepted step used (a few
+    # scalars per step) rather than recomputing them (not kept by the bounded loop that
+    # reverse-mode autodiff runs through, which has no such backward pass)
+    keep_rows = save is not None and not bounded
 
     def body(c):
         state, cstate, n = c["state"], c["ctrl"], c["n_acc"]
@@ -241,11 +247,15 @@ def _adaptive(problem: Problem, args: Args, save, bounded: bool):
         buf = c["ts_buf"]
         out["ts_buf"] = buf.at[n + 1].set(jnp.where(accept, t_next, buf[n + 1]))
         if save is not None:
-            # the start of the step (unchanged by a rejection, so rewriting it on every
-            # attempt is harmless)
+            # the start of the step and its inputs (unchanged by a rejection, or rewritten by
+            # the next attempt at the same index, so writing them on every attempt is
+            # harmless): the backward pass reads the inputs the forward pass used instead of
+            # recomputing them from the times
             out["saved"] = jax.tree.map(
                 lambda b, s: b.at[n].set(s), c["saved"], _saved_of(save, solver, state)
             )
+            if keep_rows:
+                out["rows"] = jax.tree.map(lambda b, v: b.at[n].set(v), c["rows"], inp)
         return out
 
     def running(c):
@@ -262,6 +272,12 @@ def _adaptive(problem: Problem, args: Args, save, bounded: bool):
     }
     if save is not None:
         carry["saved"] = _buffer(M, _saved_of(save, solver, state0))
+    if keep_rows:
+        like = jax.eval_shape(
+            lambda t: solver.step_inputs(schedule, t, jnp.zeros((), jnp.int32), dtype),
+            jax.ShapeDtypeStruct((h + 2,), ts.dtype),
+        )
+        carry["rows"] = jax.tree.map(lambda v: jnp.zeros((M,) + v.shape, v.dtype), like)
     if reuse:
         x0 = solver.output(state0)
         carry["eps0"] = jax.tree.map(jnp.zeros_like, x0)
@@ -281,7 +297,8 @@ def _adaptive(problem: Problem, args: Args, save, bounded: bool):
     zero = jnp.zeros((), jnp.int32)
     evals = n_try * solver.evals_per_step - (c["reused"] if reuse else 0)
     stats = Stats(n_acc, n_try, n_try - n_acc, evals, zero, zero)
-    grid = Grid(lax.stop_gradient(c["ts_buf"]), n_acc, None)
+    rows = lax.stop_gradient(c["rows"]) if keep_rows else None
+    grid = Grid(lax.stop_gradient(c["ts_buf"]), n_acc, rows)
     return LoopResult(x_0, c["state"], c.get("saved"), grid, stats)
 
 

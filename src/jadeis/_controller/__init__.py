@@ -5,4 +5,5 @@ from .base import (
     AbstractGridController as AbstractGridController,
 )
 from .fixed import FixedGrid as FixedGrid
+from .per_example import PerExamplePIDController as PerExamplePIDController
 from .pid import PIDController as PIDController

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from .._ei import grid_values, model_time_dtype, phi
+from .._ei import grid_values, model_time_dtype, phis
 from .base import AbstractAdaptiveSolver, as_int, check_choice
 
 _NODES = {1: (), 2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0)}
@@ -134,13 +134,15 @@ class SinglestepDPMSolver(AbstractAdaptiveSolver):
             al_st.append(jnp.exp(la_j))
             si_st.append(jnp.exp(ls_j))
             lin_st.append(ratio(la_j, ls_j))
-            a_st.append(P * H * phi(1, sign * H))
+            ph = phis(2 if j == 1 else 1, sign * H)
+            a_st.append(P * H * ph[0])
             if j == 1:
-                b_st = P * H * phi(2, sign * H) * (r / nodes[0])
+                b_st = P * H * ph[1] * (r / nodes[0])
         P_t = prefactor(la[1:], ls[1:])
         lin = ratio(la[1:], ls[1:])
-        A = P_t * h * phi(1, sign * h)
-        phi2 = P_t * h * phi(2, sign * h)
+        ph = phis(2, sign * h)
+        A = P_t * h * ph[0]
+        phi2 = P_t * h * ph[1]
         B = phi2 / nodes[-1] if k > 1 else jnp.zeros_like(h)
         # the order-2 comparison solution through the first stage, in the form of Lu et al.'s
         # reference implementation (its DPM-Solver-23 pair): A / (2 r_1) on (m_1 - m_s); its
