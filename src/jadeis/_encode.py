@@ -8,17 +8,20 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from . import _validate as V
 from ._conditioning import PerStep, z_at
 from ._controller import AbstractController
 from ._core import bind_model, draw_noise, normal_like, state_dtype
+from ._ei import model_time_dtype
 from ._loop import integrate, is_adaptive, trajectory
 from ._sample import prepare, resolve_solver
 from ._schedule import AbstractSchedule
-from ._solver import DDIM, AbstractSolver, SDEDPMSolver
+from ._solver import DDIM, AbstractSolver, RexLatent, SDEDPMSolver
 from ._solver.base import AbstractLinearMultistepSolver, AbstractReversibleSolver
+from ._solver.rex import grid_fingerprint
 
 
 def encode_ode(
@@ -117,8 +120,21 @@ def encode_ode(
                 f"(ts of N + 1 times) and decode on the same grid."
             )
         V.check_pytree_solver(args.x_T, problem.solver, "x_0", where)
-        return _encode_exact(problem, args, checked)
-    return _encode_ode(problem, args, checked)
+        n = args.ts.shape[0] - 1
+        problem.solver.check_inversion(n, state_dtype(args.x_T), where)
+        out = _encode_exact(problem, args, checked)
+        return _with_fingerprint(out, args.ts, return_trajectory)
+    return _encode_ode(problem, args, checked, _ends_at_zero(args.ts))
+
+
+def _with_fingerprint(out, ts, with_trajectory: bool):
+    """The latent (of ``out``, or ``out[0]`` with a trajectory) with the fingerprint of a
+    concrete grid recorded (outside the compiled function, so that every grid of one
+    shape shares its compilation)."""
+    latent = out[0] if with_trajectory else out
+    latent = RexLatent(latent.x, latent.xh, latent.num_steps, latent.solver,
+                       grid_fingerprint(ts))
+    return (latent, out[1]) if with_trajectory else latent
 
 
 @eqx.filter_jit
@@ -128,7 +144,7 @@ def _encode_exact(problem, args, ts_checked):
     V.check_problem_model(problem, args, "encode_ode", t_index=-1)  # once per compilation
     params, x_0, z, schedule, ts, noise = args
     if not ts_checked:
-        ts = V.check_ts_traced(ts, schedule, "encode_ode")
+        ts = V.check_ts_traced(ts, schedule, "encode_ode", problem.solver)
     solver = problem.solver
     n = ts.shape[0] - 1
     inputs = solver.inputs(schedule, ts, state_dtype(x_0))
@@ -147,24 +163,66 @@ def _encode_exact(problem, args, ts_checked):
     return latent
 
 
+def _ends_at_zero(ts) -> bool | None:
+    """Whether a concrete ``ts`` ends at t = 0 (``None`` for a traced one)."""
+    if not V.is_concrete(ts):
+        return None
+    return float(np.asarray(ts)[-1]) == 0.0
+
+
 @eqx.filter_jit
-def _encode_ode(problem, args, ts_checked):
-    """The solver's own step on the reversed grid (per-step z reversed with it)."""
+def _encode_ode(problem, args, ts_checked, zero_end):
+    """The solver's own step on the reversed grid (per-step z reversed with it).
+
+    A grid ending at t = 0 (``zero_end``): the first step, up from the clean data, cannot
+    evaluate the model at sigma = 0 (the noise prediction is undefined there); it is taken
+    as diffusers' ``DDIMInverseScheduler`` takes it, with the model at the step's upper
+    time: ``x_1 = alpha_1 x_0 + sigma_1 eps(x_0, t_1)``. The solver then encodes from
+    ``x_1`` on the rest of the grid."""
     V.check_problem_model(problem, args, "encode_ode", t_index=-1)  # once per compilation
-    ts = args.ts if ts_checked else V.check_ts_traced(args.ts, args.schedule, "encode_ode")
+    ts = args.ts
+    if not ts_checked:
+        ts = V.check_ts_traced(ts, args.schedule, "encode_ode", problem.solver)
+    if zero_end is None:  # a traced grid: its end is known only at run time
+        ts = V.runtime_check(
+            ts,
+            [(ts[-1] == 0, "encode_ode: a ts ending at t = 0 (final='zero') is encoded only "
+                           "when it is concrete (not traced under jit): pass it as a constant.")],
+        )
     z = args.z
+    n = ts.shape[0] - 1
+    x_first = args.x_T
+    if zero_end:
+        x_0 = args.x_T
+        model = bind_model(problem, args.params, z_at(z, n - 1, problem.per_step_z))
+        dtype = state_dtype(x_0)
+        t_1 = ts[-2]
+        a_1 = args.schedule.alpha(t_1).astype(dtype)
+        s_1 = args.schedule.sigma(t_1).astype(dtype)
+        eps = model(x_0, t_1.astype(model_time_dtype(dtype)))
+        x_first = jax.tree.map(lambda x, e: a_1 * x + s_1 * e, x_0, eps)
+        ts = ts[:-1]
+        if problem.per_step_z:
+            z = PerStep(jax.tree.map(lambda v: v[:-1], z.values))
     if problem.per_step_z:
         z = PerStep(jax.tree.map(lambda v: v[::-1], z.values))
-    args = args._replace(z=z, ts=ts[::-1])
+    if ts.shape[0] == 1:  # one step, to t = 0: done
+        if not problem.save_trajectory:
+            return x_first
+        return x_first, jax.tree.map(lambda a, b: jnp.stack([a, b]), x_first, args.x_T)
+    args = args._replace(x_T=x_first, z=z, ts=ts[::-1])
     res = integrate(
         problem, args, save="x" if problem.save_trajectory else None, bounded=is_adaptive(problem)
     )
     x_T = res.x_0
     if not problem.save_trajectory:
         return x_T
-    traj = trajectory(res.saved, x_T, res.grid)  # from x_0 up to x_T
+    traj = trajectory(res.saved, x_T, res.grid)  # from x_0 (or x_1) up to x_T
     if res.grid.fixed:
-        return x_T, jax.tree.map(lambda v: v[::-1], traj)
+        traj = jax.tree.map(lambda v: v[::-1], traj)
+        if zero_end:
+            traj = jax.tree.map(lambda v, x: jnp.concatenate([v, x[None]]), traj, x_0)
+        return x_T, traj
     # the accepted states reversed (x_T first), then x_0 repeated
     k = jax.tree.leaves(traj)[0].shape[0]
     j = jnp.arange(k, dtype=jnp.int32)
@@ -291,7 +349,7 @@ def _encode_sde(problem, args, key, path, ts_checked):
     V.check_problem_model(problem, args, "encode_sde", t_index=-1)  # once per compilation
     params, x_0, z, schedule, ts, _ = args
     if not ts_checked:
-        ts = V.check_ts_traced(ts, schedule, "encode_sde")
+        ts = V.check_ts_traced(ts, schedule, "encode_sde", problem.solver)
     solver = problem.solver
     dtype = state_dtype(x_0)
     if path is None:
@@ -381,7 +439,9 @@ def _encode_sde_exact(eps_fn, params, x_0, z, schedule, ts, solver, key, path, w
         key=key,
     )
     n = args.ts.shape[0] - 1
+    solver.check_inversion(n, state_dtype(args.x_T), where)
     latent = _encode_exact(problem, args, V.checked_eagerly(args.ts, args.schedule))
+    latent = _with_fingerprint(latent, args.ts, False)
     return latent, _draw_all(problem, args.noise, n, args.x_T)
 
 

@@ -77,6 +77,67 @@ class LoopResult(NamedTuple):
     saved: Any  # per accepted step: None, the sample or the solver state at its start
     grid: Grid
     stats: Stats
+    checkpoints: Any = None  # Checkpointed: exact states kept for a reversible solver
+
+
+class Checkpoints(NamedTuple):
+    """Where a reversible solver's backward pass keeps exact states (static): at most
+    ``size`` of them, each where the inverse's amplification accumulated since the last
+    exact state (``solver.inverse_log_amplification`` per step, in nats) would exceed
+    ``budget`` (docs/math/reversible.md#conditioning)."""
+
+    size: int
+    budget: float
+
+
+class Checkpointed(NamedTuple):
+    """The states kept by a run with :class:`Checkpoints`: ``states[j]`` is the solver state
+    at the start of step ``index[j]`` (``count`` of them, in increasing step order)."""
+
+    states: Any
+    index: Array
+    count: Array
+
+
+def _checkpoint_init(spec: Checkpoints, state0):
+    return {
+        "states": _buffer(spec.size, state0),
+        "index": jnp.full((spec.size,), -1, jnp.int32),
+        "count": jnp.zeros((), jnp.int32),
+        "cum": jnp.zeros((), jnp.float32),
+        "step": jnp.zeros((), jnp.int32),
+    }
+
+
+def _checkpoint_record(spec: Checkpoints, solver, ck, state, inp, accept, first_step: int):
+    """Update the checkpoint carry for an attempted step from ``state`` (kept if
+    ``accept``): the state at the start of step ``i`` is kept when the amplification of the
+    states rebuilt since the last exact one would exceed the budget with this step's."""
+    a = lax.stop_gradient(solver.inverse_log_amplification(inp)).astype(jnp.float32)
+    total = ck["cum"] + a
+    first = ck["step"] == 0  # the state at the first step is the run's start: exact
+    store = accept & ~first & (total > spec.budget) & (ck["count"] < spec.size)
+    j = jnp.minimum(ck["count"], spec.size - 1)
+    states = jax.tree.map(
+        lambda b, v: b.at[j].set(jnp.where(store, lax.stop_gradient(v), b[j])),
+        ck["states"],
+        state,
+    )
+    index = ck["index"].at[j].set(jnp.where(store, first_step + ck["step"], ck["index"][j]))
+    cum = jnp.where(first | store, jnp.zeros_like(total), total)
+    return {
+        "states": states,
+        "index": index,
+        "count": ck["count"] + store.astype(jnp.int32),
+        "cum": jnp.where(accept, cum, ck["cum"]),
+        "step": ck["step"] + accept.astype(jnp.int32),
+    }
+
+
+def _checkpointed(ck):
+    if ck is None:
+        return None
+    return Checkpointed(ck["states"], ck["index"], ck["count"])
 
 
 def is_adaptive(problem: Problem) -> bool:
@@ -142,6 +203,7 @@ def integrate(
     save: str | None = None,
     bounded: bool = False,
     rows=None,
+    checkpoints: Checkpoints | None = None,
 ) -> LoopResult:
     """Run the sampler from ``args.x_T`` (a solver state if ``problem.resume``).
 
@@ -149,11 +211,14 @@ def integrate(
     start of each step) or ``"state"`` (the solver state at the start of each step).
     ``rows``: the per-step inputs of a fixed grid, if already computed. ``bounded``: an
     adaptive loop that reverse-mode autodiff can differentiate (a scan of ``max_steps``
-    iterations).
+    iterations). ``checkpoints``: also keep a few exact states for a reversible solver's
+    backward pass (:class:`Checkpoints`; returned as ``LoopResult.checkpoints``).
     """
+    if checkpoints is not None and checkpoints.size == 0:
+        checkpoints = None
     if rows is None and is_adaptive(problem):
-        return _adaptive(problem, args, save, bounded)
-    return _fixed(problem, args, save, rows)
+        return _adaptive(problem, args, save, bounded, checkpoints)
+    return _fixed(problem, args, save, rows, checkpoints)
 
 
 def _uses_step_index(problem: Problem) -> bool:
@@ -161,7 +226,7 @@ def _uses_step_index(problem: Problem) -> bool:
     return problem.per_step_z or problem.solver.stochastic
 
 
-def _fixed(problem: Problem, args: Args, save, rows):
+def _fixed(problem: Problem, args: Args, save, rows, checkpoints=None):
     solver = problem.solver
     params, x_T, z, schedule, ts, noise = args
     state0 = problem.init(x_T)
@@ -170,27 +235,34 @@ def _fixed(problem: Problem, args: Args, save, rows):
         rows = fixed_rows(problem, schedule, ts, dtype)
         ts = step_grid(problem, schedule, ts)
     n = jax.tree.leaves(rows)[0].shape[0]
+    yes = jnp.ones((), bool)
 
-    def body(state, xs):
+    def body(carry, xs):
+        state, ck = carry
         i, inp = xs
         model = bind_model(problem, params, z_at(z, i, problem.per_step_z))
         x = solver.output(state)
         x = x.astype(dtype) if is_array(x) else jax.tree.map(lambda v: v.astype(dtype), x)
         xi = draw_noise(problem, noise, i, x)
         new, _ = solver.step(model, inp, state, xi)
-        return new, _saved_of(save, solver, state)
+        if ck is not None:
+            ck = _checkpoint_record(checkpoints, solver, ck, state, inp, yes, problem.first_step)
+        return (new, ck), _saved_of(save, solver, state)
 
     # the step index is scanned over only where a step uses it (per-step z, noise)
     steps = problem.first_step + jnp.arange(n) if _uses_step_index(problem) else None
-    final, saved = lax.scan(body, state0, (steps, rows))
+    ck0 = None if checkpoints is None else _checkpoint_init(checkpoints, state0)
+    (final, ck), saved = lax.scan(body, (state0, ck0), (steps, rows))
     count = jnp.asarray(n, jnp.int32)
     evals = count * solver.evals_per_step
     zero = jnp.zeros((), jnp.int32)
     stats = Stats(count, count, zero, evals, zero, zero)
-    return LoopResult(solver.output(final), final, saved, Grid(ts, n, rows), stats)
+    return LoopResult(
+        solver.output(final), final, saved, Grid(ts, n, rows), stats, _checkpointed(ck)
+    )
 
 
-def _adaptive(problem: Problem, args: Args, save, bounded: bool):
+def _adaptive(problem: Problem, args: Args, save, bounded: bool, checkpoints=None):
     solver = problem.solver
     ctrl = problem.controller
     params, x_T, z, schedule, ts, _ = args
@@ -238,6 +310,10 @@ def _adaptive(problem: Problem, args: Args, save, bounded: bool):
             out["eps0"] = first[0]
             out["cached"] = ~accept
             out["reused"] = c["reused"] + c["cached"].astype(jnp.int32)
+        if checkpoints is not None:
+            out["ck"] = _checkpoint_record(
+                checkpoints, solver, c["ck"], state, inp, accept, problem.first_step
+            )
         buf = c["ts_buf"]
         out["ts_buf"] = buf.at[n + 1].set(jnp.where(accept, t_next, buf[n + 1]))
         if save is not None:
@@ -262,6 +338,8 @@ def _adaptive(problem: Problem, args: Args, save, bounded: bool):
     }
     if save is not None:
         carry["saved"] = _buffer(M, _saved_of(save, solver, state0))
+    if checkpoints is not None:
+        carry["ck"] = _checkpoint_init(checkpoints, state0)
     if reuse:
         x0 = solver.output(state0)
         carry["eps0"] = jax.tree.map(jnp.zeros_like, x0)
@@ -282,7 +360,7 @@ def _adaptive(problem: Problem, args: Args, save, bounded: bool):
     evals = n_try * solver.evals_per_step - (c["reused"] if reuse else 0)
     stats = Stats(n_acc, n_try, n_try - n_acc, evals, zero, zero)
     grid = Grid(lax.stop_gradient(c["ts_buf"]), n_acc, None)
-    return LoopResult(x_0, c["state"], c.get("saved"), grid, stats)
+    return LoopResult(x_0, c["state"], c.get("saved"), grid, stats, _checkpointed(c.get("ck")))
 
 
 def _budget_check(x_0, done, M):

@@ -72,18 +72,21 @@ def prepare(
     if adjoint is not None:
         V.check_adjoint(adjoint, where)
     ts = V.check_ts(ts, schedule, where)
+    V.check_final_zero(ts, solver, where)
     controller.check(solver, ts, schedule, where)
     adaptive = isinstance(controller, AbstractAdaptiveController)
     n = ts.shape[0] - 1
-    x_T = V.check_x_T(x_T, solver, n, where, adaptive=adaptive)
+    x_T = V.check_x_T(x_T, solver, n, where, adaptive=adaptive, ts=ts)
     x_arr = x_T.x if isinstance(x_T, RexLatent) else x_T
     z, per_step, _ = V.prepare_z(z, ts, where, adaptive=adaptive)
     noise_mode, noise_arg = V.prepare_noise(solver, key, noise, n, x_arr, where)
     dynamic, static = split_params(params)
     problem = Problem(eps_fn, solver, controller, per_step, noise_mode, save_trajectory, static)
+    args = Args(dynamic, x_T, z, schedule, ts, noise_arg)
     if adjoint is not None:
         adjoint.check(problem, n)
-    return problem, Args(dynamic, x_T, z, schedule, ts, noise_arg), adjoint
+        adjoint = adjoint.bind(problem, args)
+    return problem, args, adjoint
 
 
 class Solution(NamedTuple):
@@ -361,7 +364,9 @@ def run(
 def _run(problem: Problem, args: Args, adjoint, check_finite: bool, ts_checked: bool, where):
     V.check_problem_model(problem, args, where)  # at trace time: once per compilation
     if not ts_checked:
-        args = args._replace(ts=V.check_ts_traced(args.ts, args.schedule, where))
+        args = args._replace(
+            ts=V.check_ts_traced(args.ts, args.schedule, where, problem.solver)
+        )
     if check_finite:
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(args.x_T)]))
         args = args._replace(
@@ -484,6 +489,7 @@ def solve_adjoint(
             f"(the path cannot be reconstructed)."
         )
     ts = V.check_ts(ts, schedule, where)
+    V.check_final_zero(ts, solver, where)
     n = ts.shape[0] - 1
     if V.is_pytree_state(trajectory if trajectory is not None else x_0):
         trajectory, x_0, grad_x0, ref = _check_tree_inputs(trajectory, x_0, grad_x0, n, where)
@@ -574,5 +580,7 @@ def _solve(problem, args, adjoint, trajectory, x_0, grad_x0, ts_checked):
     ref = jax.tree.map(lambda v: v[-1], trajectory) if trajectory is not None else x_0
     V.check_problem_model(problem, args, "solve_adjoint", x=ref)
     if not ts_checked:
-        args = args._replace(ts=V.check_ts_traced(args.ts, args.schedule, "solve_adjoint"))
+        args = args._replace(
+            ts=V.check_ts_traced(args.ts, args.schedule, "solve_adjoint", problem.solver)
+        )
     return adjoint.solve(problem, args, trajectory, x_0, grad_x0)

@@ -20,6 +20,7 @@ from ._conditioning import ConditioningFn, PerStep
 from ._schedule import AbstractSchedule
 from ._solver import AbstractSolver, RexLatent
 from ._solver.base import AbstractReversibleSolver
+from ._solver.rex import grid_fingerprint
 
 
 def is_concrete(v) -> bool:
@@ -145,15 +146,33 @@ def _check_flags(x, preds, messages):
     return x
 
 
-def check_ts_traced(ts, schedule: AbstractSchedule, where: str):
-    """Checks of a traced ``ts`` under ``jit``, attached to ``ts`` (a small array)."""
+def check_final_zero(ts, solver, where: str):
+    """A concrete ``ts`` ending at t = 0 for a solver that cannot step there."""
+    if solver.steps_to_zero or not is_concrete(ts) or float(np.asarray(ts)[-1]) != 0.0:
+        return
+    raise ValueError(zero_end_message(solver, where))
+
+
+def zero_end_message(solver, where: str) -> str:
+    return (
+        f"{where}: ts ends at t = 0 (time_grid(..., final='zero')), where "
+        f"{type(solver).__name__} cannot step: {solver.zero_end_reason}. End the grid at the "
+        f"schedule's t_min (final=None), or use another solver such as "
+        f"jadeis.DPMSolverPP() for a grid ending at 0."
+    )
+
+
+def check_ts_traced(ts, schedule: AbstractSchedule, where: str, solver=None):
+    """Checks of a traced ``ts`` under ``jit``, attached to ``ts`` (a small array); a final
+    0 is refused for a ``solver`` that cannot step to it."""
     if is_concrete(ts):
         return ts
     lo = jnp.asarray(schedule.t_min, ts.dtype)
     hi = jnp.asarray(schedule.t_max, ts.dtype)
     n = ts.shape[0]
     last = jax.lax.broadcasted_iota(jnp.int32, (n,), 0) == n - 1
-    below = (ts < lo) & ~(last & (ts == 0))  # a final 0 is allowed
+    zero_ok = solver is None or solver.steps_to_zero
+    below = (ts < lo) & ~(last & (ts == 0) & zero_ok)  # a final 0 is allowed
     # entry i compares ts[i] with ts[i - 1] (with +inf before ts[0]); a non-finite ts[0]
     # is reported as non-finite, the first message
     prev = jnp.concatenate([jnp.full((1,), jnp.inf, ts.dtype), ts[:-1]])
@@ -166,8 +185,12 @@ def check_ts_traced(ts, schedule: AbstractSchedule, where: str):
             f"{where}: ts has non-finite values (NaN or inf).",
             f"{where}: ts must be strictly decreasing (sampling runs from t_max down to "
             f"t_min); use jadeis.time_grid(schedule, n).",
-            f"{where}: ts has times outside the schedule's range [t_min, t_max]; clip ts or "
-            f"build the schedule with a wider range.",
+            f"{where}: ts has times outside the schedule's range [t_min, t_max]"
+            + (
+                "; clip ts or build the schedule with a wider range."
+                if zero_ok
+                else f", or ends at 0: {zero_end_message(solver, where)}"
+            ),
         ),
     )
 
@@ -218,9 +241,9 @@ def shapes_of(x):
     return jax.tree.map(lambda v: v.shape, x)
 
 
-def check_x_T(x_T, solver, n: int, where: str, adaptive: bool = False):
+def check_x_T(x_T, solver, n: int, where: str, adaptive: bool = False, ts=None):
     """``x_T``: a floating-point array, or a :class:`RexLatent` for the solver and grid
-    length that made it."""
+    that made it (its length; its times too where both grids are concrete)."""
     if isinstance(x_T, RexLatent):
         if adaptive:
             raise ValueError(
@@ -238,6 +261,13 @@ def check_x_T(x_T, solver, n: int, where: str, adaptive: bool = False):
                 f"{where}: x_T is a RexLatent encoded on a grid of {x_T.num_steps} steps, but "
                 f"ts has {n} steps; decode it on the grid it was encoded on."
             )
+        fingerprint = None if ts is None else grid_fingerprint(ts)
+        if x_T.grid is not None and fingerprint is not None and fingerprint != x_T.grid:
+            raise ValueError(
+                f"{where}: x_T is a RexLatent encoded on another grid ({x_T.grid}) than ts "
+                f"({fingerprint}); it decodes to its image only on the grid it was encoded on "
+                f"(same times, same dtype): pass that ts."
+            )
         x = check_state(x_T.x, "x_T.x", where)
         xh = check_state(x_T.xh, "x_T.xh", where)
         if x.shape != xh.shape or x.dtype != xh.dtype:
@@ -245,7 +275,7 @@ def check_x_T(x_T, solver, n: int, where: str, adaptive: bool = False):
                 f"{where}: the RexLatent's x and xh differ in shape or dtype: "
                 f"{x.shape} {x.dtype} vs {xh.shape} {xh.dtype}."
             )
-        return RexLatent(x, xh, x_T.num_steps, x_T.solver)
+        return RexLatent(x, xh, x_T.num_steps, x_T.solver, x_T.grid)
     x_T = check_state(x_T, "x_T", where)
     check_pytree_solver(x_T, solver, "x_T", where)
     return x_T

@@ -46,6 +46,12 @@ class AbstractAdjoint(eqx.Module):
     def check(self, problem: Problem, num_steps: int) -> None:
         """Static validation against the sampler, controller and grid (``ValueError``)."""
 
+    def bind(self, problem: Problem, args: Args) -> AbstractAdjoint:
+        """This strategy with whatever it fixes from the run's arguments before compiling
+        (e.g. :class:`jadeis.ReversibleAdjoint`'s number of exact states, from a concrete
+        ``ts``); called once by every entry point. Default: itself."""
+        return self
+
     def run(self, problem: Problem, args: Args) -> Out:
         """Sample with this strategy's gradient."""
         return _run(self, problem, args)

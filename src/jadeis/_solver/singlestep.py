@@ -108,6 +108,11 @@ class SinglestepDPMSolver(AbstractAdaptiveSolver):
         lam, la, ls = values.lam, values.log_alpha, values.log_sigma
         lam_s, la_s, ls_s = lam[:-1], la[:-1], ls[:-1]
         h = lam[1:] - lam_s
+        # a step to sigma_t = 0 (h = inf, time_grid(..., final="zero")) is taken in its
+        # first-order limit x_t = alpha_t D(x_s, s) (as the multistep solvers): its stages
+        # are evaluated at s and weighted by zero (no model call at t = 0, no inf * 0)
+        inf_h = jnp.isposinf(h)
+        h = jnp.where(inf_h, jnp.ones_like(h), h)
 
         def ratio(la_u, ls_u):
             return jnp.exp(la_u - la_s) if sign > 0 else jnp.exp(ls_u - ls_s)
@@ -120,20 +125,24 @@ class SinglestepDPMSolver(AbstractAdaptiveSolver):
         b_st = jnp.zeros_like(h)
         for j, r in enumerate(nodes):
             H = r * h
-            t_j = schedule.t_from_log_snr(lam_s + H)
+            t_j = jnp.where(inf_h, ts[:-1], schedule.t_from_log_snr(lam_s + H))
             la_j, ls_j = schedule.log_alpha(t_j), schedule.log_sigma(t_j)
             P = prefactor(la_j, ls_j)
             t_st.append(t_j)
             al_st.append(jnp.exp(la_j))
             si_st.append(jnp.exp(ls_j))
-            lin_st.append(ratio(la_j, ls_j))
-            a_st.append(P * H * phi(1, sign * H))
+            lin_st.append(jnp.where(inf_h, 1.0, ratio(la_j, ls_j)))
+            a_st.append(jnp.where(inf_h, 0.0, P * H * phi(1, sign * H)))
             if j == 1:
-                b_st = P * H * phi(2, sign * H) * (r / nodes[0])
-        P_t = prefactor(la[1:], ls[1:])
-        lin = ratio(la[1:], ls[1:])
+                b_st = jnp.where(inf_h, 0.0, P * H * phi(2, sign * H) * (r / nodes[0]))
+        la_t, ls_t = la[1:], ls[1:]
+        P_t = prefactor(la_t, ls_t)
+        lin = ratio(la_t, ls_t)
         A = P_t * h * phi(1, sign * h)
-        phi2 = P_t * h * phi(2, sign * h)
+        # the limit of A as h -> inf: alpha_t (data), -alpha_t sigma_s / alpha_s (noise)
+        limit = jnp.exp(la_t) if sign < 0 else -jnp.exp(la_t - la_s + ls_s)
+        A = jnp.where(inf_h, limit, A)
+        phi2 = jnp.where(inf_h, 0.0, P_t * h * phi(2, sign * h))
         B = phi2 / nodes[-1] if k > 1 else jnp.zeros_like(h)
         B_low = phi2 / nodes[0] if k > 2 else jnp.zeros_like(h)
 
