@@ -93,8 +93,17 @@ def time_grid(
     t_end = schedule.t_min if t_end is None else t_end
     c_start, c_end = _concrete(t_start), _concrete(t_end)
     lo, hi = _concrete(schedule.t_min), _concrete(schedule.t_max)
-    for name, v in (("t_start", c_start), ("t_end", c_end)):
-        if v is not None and lo is not None and hi is not None and not (lo <= v <= hi):
+    for name, raw, v in (("t_start", t_start, c_start), ("t_end", t_end, c_end)):
+        if v is None or lo is None or hi is None:
+            continue
+        # compared as rounded to the grid's dtype and to the value's own (a float32 end
+        # time read off a float32 grid is inside the range it was built from)
+        dts = {jnp.result_type(float) if dtype is None else jnp.dtype(dtype)}
+        if hasattr(raw, "dtype") and jnp.issubdtype(raw.dtype, jnp.floating):
+            dts.add(jnp.dtype(raw.dtype))
+        lo_r = min([lo] + [float(jnp.asarray(lo, d)) for d in dts])
+        hi_r = max([hi] + [float(jnp.asarray(hi, d)) for d in dts])
+        if not (lo_r <= v <= hi_r):
             raise ValueError(
                 f"time_grid: {name}={v} is outside the schedule's range "
                 f"[{schedule.t_min}, {schedule.t_max}]."
@@ -154,7 +163,22 @@ def time_grid(
                 f"t_end={float(check[-1]):g}. Use dtype=jnp.float32 (the solver's state may "
                 f"still be low precision) or fewer steps."
             )
+        if not _concrete_schedule(schedule):
+            return ts
+        with jax.ensure_compile_time_eval():
+            lam = np.asarray(schedule.log_snr(ts[jnp.asarray([0, -1])]), np.float64)
+        if not np.all(np.isfinite(lam)):
+            raise ValueError(
+                f"time_grid: in {out_dtype} the grid's end points round to "
+                f"{[float(check[0]), float(check[-1])]}, where {type(schedule).__name__}'s "
+                f"log-SNR is not finite (alpha or sigma vanishes); use dtype=jnp.float32 (the "
+                f"solver's state may still be low precision)."
+            )
     return ts
+
+
+def _concrete_schedule(schedule) -> bool:
+    return not any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(schedule))
 
 
 def _concrete(v):

@@ -57,7 +57,11 @@ def check_adjoint(adjoint, where: str):
 
 
 def check_ts(ts, schedule: AbstractSchedule, where: str):
-    """Shape and dtype of ``ts``; its values too when they are concrete."""
+    """Shape and dtype of ``ts``; its values too when they are concrete: finite, strictly
+    decreasing, inside the schedule's range compared in ``ts``'s own dtype (a float32 grid
+    from :func:`jadeis.time_grid` is accepted whichever way its end points round), and a
+    finite log-SNR at the end points (a final time of exactly 0 is the clean data,
+    ``final="zero"``)."""
     check_schedule(schedule, where)
     ts = jnp.asarray(ts)
     if ts.ndim != 1 or ts.shape[0] < 2:
@@ -76,14 +80,45 @@ def check_ts(ts, schedule: AbstractSchedule, where: str):
                 f"{where}: ts must be strictly decreasing (sampling runs from t_max down to "
                 f"t_min); build it with jadeis.time_grid(schedule, n)."
             )
-        lo, hi = float(schedule.t_min), float(schedule.t_max)
+        lo, hi = schedule_range(schedule, ts.dtype)
         # a last time of exactly 0 is the clean data (sigma = 0): time_grid(..., final="zero")
         if np.min(v[:-1]) < lo or (v[-1] < lo and v[-1] != 0.0) or v[0] > hi:
             raise ValueError(
                 f"{where}: ts has times outside the schedule's range [t_min, t_max] = "
-                f"[{lo}, {hi}] (got {v[-1]} .. {v[0]}); clip ts or build the schedule with a "
+                f"[{schedule.t_min}, {schedule.t_max}] (in ts's dtype {ts.dtype}: [{lo!r}, "
+                f"{hi!r}]; got {v[-1]!r} .. {v[0]!r}); clip ts or build the schedule with a "
                 f"wider range."
             )
+        check_log_snr_finite(schedule, ts, where)
+    return ts
+
+
+def schedule_range(schedule: AbstractSchedule, dtype) -> tuple[float, float]:
+    """The schedule's ``[t_min, t_max]`` rounded to ``dtype`` (the grid's), as floats: a grid
+    of that dtype built from the schedule's own end points (``time_grid``) lies inside it,
+    whichever way the end points round."""
+    dtype = jnp.dtype(dtype) if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
+    with jax.ensure_compile_time_eval():
+        lo = float(jnp.asarray(schedule.t_min, dtype))
+        hi = float(jnp.asarray(schedule.t_max, dtype))
+    return lo, hi
+
+
+def check_log_snr_finite(schedule: AbstractSchedule, ts, where: str):
+    """The schedule's log-SNR must be finite at the first and at the last nonzero time of a
+    concrete ``ts`` (a time rounded onto a schedule's singular end, e.g. RectifiedFlow's
+    t_max = 0.999 in bfloat16 is 1.0, where alpha = 0)."""
+    v = np.asarray(ts, np.float64)
+    ends = [0, v.shape[0] - (2 if v[-1] == 0.0 else 1)]
+    with jax.ensure_compile_time_eval():
+        lam = np.asarray(schedule.log_snr(jnp.asarray(ts)[jnp.asarray(ends)]), np.float64)
+    if not np.all(np.isfinite(lam)):
+        raise ValueError(
+            f"{where}: the schedule's log-SNR is not finite at ts = {v[ends].tolist()} (in ts's "
+            f"dtype {jnp.asarray(ts).dtype}): alpha or sigma vanishes there. Build ts in a "
+            f"wider dtype (jadeis.time_grid(..., dtype=jnp.float32)) or keep it inside the "
+            f"schedule's range."
+        )
     return ts
 
 
