@@ -80,6 +80,16 @@ def time_grid(
         )
     if final not in _FINALS:
         raise ValueError(f"time_grid: final must be None or 'zero', got final={final!r}.")
+    _check_convention(convention, "time_grid")
+    steps_offset = _check_steps_offset(steps_offset, "time_grid")
+    if spacing not in _DIFFUSERS_SPACINGS and (steps_offset != 0 or convention != "ddim"):
+        given = f"steps_offset={steps_offset}" if steps_offset != 0 else \
+            f"convention={convention!r}"
+        raise ValueError(
+            f"time_grid: {given} applies to diffusers' spacings {_DIFFUSERS_SPACINGS} of a "
+            f"DiscreteVP table only; spacing={spacing!r} would ignore it. Drop it, or use "
+            f"spacing='leading' (steps_offset) / a diffusers spacing (convention)."
+        )
     if spacing in _DIFFUSERS_SPACINGS:
         return _diffusers_grid(schedule, n, spacing, t_start, t_end, dtype, final,
                                steps_offset, convention)
@@ -197,13 +207,30 @@ def diffusers_timesteps(
     convention: str = "ddim",
 ) -> np.ndarray:
     """diffusers' integer timesteps (descending, length n) of ``set_timesteps(n)`` for
-    ``timestep_spacing=spacing``: ``convention="ddim"`` as ``DDIMScheduler`` (and DDPM, PNDM,
-    Euler), ``"dpmsolver"`` as ``DPMSolverMultistepScheduler`` (and UniPC, DEIS)."""
-    big_n = int(num_train_timesteps)
-    if convention not in _CONVENTIONS:
+    ``timestep_spacing=spacing`` (``"leading"``, ``"trailing"`` or ``"linspace"``):
+    ``convention="ddim"`` as ``DDIMScheduler`` (and DDPM, PNDM, Euler), ``"dpmsolver"`` as
+    ``DPMSolverMultistepScheduler`` (and UniPC, DEIS). ``steps_offset`` (an int >= 0) is
+    added to the ``"leading"`` timesteps and, as in diffusers, ignored by the others.
+
+    **Example:**
+
+    ```python
+    >>> import jadeis
+    >>> jadeis.diffusers_timesteps(1000, 4, "trailing").tolist()
+    [999, 749, 499, 249]
+
+    ```
+    """
+    where = "diffusers_timesteps"
+    big_n = _check_count(num_train_timesteps, "num_train_timesteps", where, 2)
+    n = _check_count(n, "n", where, 1)
+    if spacing not in _DIFFUSERS_SPACINGS:
         raise ValueError(
-            f"time_grid: convention must be one of {_CONVENTIONS}, got {convention!r}."
+            f"{where}: spacing must be one of diffusers' timestep spacings "
+            f"{_DIFFUSERS_SPACINGS}, got spacing={spacing!r}."
         )
+    _check_convention(convention, where)
+    steps_offset = _check_steps_offset(steps_offset, where)
     if spacing == "trailing":
         k = np.round(np.arange(big_n, 0, -big_n / n)) - 1
     elif convention == "ddim":
@@ -223,6 +250,33 @@ def diffusers_timesteps(
             f"another spacing."
         )
     return k
+
+
+def _check_convention(convention, where: str):
+    if not isinstance(convention, str) or convention not in _CONVENTIONS:
+        raise ValueError(
+            f"{where}: convention must be one of {_CONVENTIONS} (whose set_timesteps the "
+            f"diffusers spacings follow), got convention={convention!r}."
+        )
+
+
+def _check_steps_offset(steps_offset, where: str) -> int:
+    if isinstance(steps_offset, np.integer) and not isinstance(steps_offset, np.bool_):
+        steps_offset = int(steps_offset)
+    if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
+        raise ValueError(
+            f"{where}: steps_offset must be an int >= 0 (diffusers' steps_offset, added to the "
+            f"integer timesteps), got steps_offset={steps_offset!r}."
+        )
+    return steps_offset
+
+
+def _check_count(value, name: str, where: str, lo: int) -> int:
+    if isinstance(value, np.integer) and not isinstance(value, np.bool_):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{where}: {name} must be an int >= {lo}, got {name}={value!r}.")
+    return value
 
 
 def _diffusers_grid(schedule, n, spacing, t_start, t_end, dtype, final, steps_offset,

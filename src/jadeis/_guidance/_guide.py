@@ -8,7 +8,6 @@ identity or value), so it compiles once per configuration and shapes, across cal
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -29,8 +28,6 @@ from ._losses import AbstractLoss, as_loss
 
 _WRT = ("x_T", "z", "params")
 _NOISE_MODES = ("frozen", "fresh")
-#: number of times the guidance step was traced, per configuration type (for tests)
-TRACES: Counter = Counter()
 
 
 class GuideResult(NamedTuple):
@@ -221,6 +218,13 @@ class Guidance(eqx.Module):
         return GuideState(opt_vars, opt_state, fixed, jnp.zeros((), jnp.int32), key, noise)
 
     def _run(self, state: GuideState, loss_args):
+        if not isinstance(state, GuideState) or set(state.opt_vars) != set(self.wrt):
+            made = sorted(state.opt_vars) if isinstance(state, GuideState) else type(state)
+            raise ValueError(
+                f"guide: state must be a GuideState from this Guidance's init, which optimises "
+                f"wrt={self.wrt}; got one that optimises {made}. Call init(...) of this "
+                f"Guidance for a state."
+            )
         return _step(
             self,
             state.opt_vars,
@@ -322,7 +326,6 @@ def _to_host(v) -> np.ndarray:
 
 @eqx.filter_jit
 def _step(g: Guidance, opt_vars, opt_state, fixed, iteration, key, noise, loss_args, update):
-    TRACES[type(g).__name__] += 1
     grad_fn = jax.value_and_grad(_objective, argnums=1, has_aux=True)
     # g.ts was checked eagerly in Guidance(): the compiled step needs no host callback
     with V.ts_prechecked():
