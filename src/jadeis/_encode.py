@@ -16,7 +16,7 @@ from ._conditioning import PerStep, z_at
 from ._controller import AbstractController
 from ._core import bind_model, draw_noise, normal_like, state_dtype
 from ._ei import model_time_dtype
-from ._loop import integrate, is_adaptive, trajectory
+from ._loop import budget_message, integrate, is_adaptive, trajectory
 from ._sample import prepare, resolve_solver
 from ._schedule import AbstractSchedule
 from ._solver import DDIM, AbstractSolver, RexLatent, SDEDPMSolver
@@ -124,7 +124,13 @@ def encode_ode(
         problem.solver.check_inversion(n, state_dtype(args.x_T), where)
         out = _encode_exact(problem, args, checked)
         return _with_fingerprint(out, args.ts, return_trajectory)
-    return _encode_ode(problem, args, checked, _ends_at_zero(args.ts))
+    out, failed = _encode_ode(problem, args, checked, _ends_at_zero(args.ts))
+    if failed is None:
+        return out
+    message = {"failed": budget_message(problem, where)}
+    if return_trajectory:
+        return V.report(out[0], {"failed": failed}, message), out[1]
+    return V.report(out, {"failed": failed}, message)
 
 
 def _with_fingerprint(out, ts, with_trajectory: bool):
@@ -208,26 +214,26 @@ def _encode_ode(problem, args, ts_checked, zero_end):
         z = PerStep(jax.tree.map(lambda v: v[::-1], z.values))
     if ts.shape[0] == 1:  # one step, to t = 0: done
         if not problem.save_trajectory:
-            return x_first
-        return x_first, jax.tree.map(lambda a, b: jnp.stack([a, b]), x_first, args.x_T)
+            return x_first, None
+        return (x_first, jax.tree.map(lambda a, b: jnp.stack([a, b]), x_first, args.x_T)), None
     args = args._replace(x_T=x_first, z=z, ts=ts[::-1])
     res = integrate(
         problem, args, save="x" if problem.save_trajectory else None, bounded=is_adaptive(problem)
     )
     x_T = res.x_0
     if not problem.save_trajectory:
-        return x_T
+        return x_T, res.failed
     traj = trajectory(res.saved, x_T, res.grid)  # from x_0 (or x_1) up to x_T
     if res.grid.fixed:
         traj = jax.tree.map(lambda v: v[::-1], traj)
         if zero_end:
             traj = jax.tree.map(lambda v, x: jnp.concatenate([v, x[None]]), traj, x_0)
-        return x_T, traj
+        return (x_T, traj), res.failed
     # the accepted states reversed (x_T first), then x_0 repeated
     k = jax.tree.leaves(traj)[0].shape[0]
     j = jnp.arange(k, dtype=jnp.int32)
     src = jnp.where(j <= res.grid.count, res.grid.count - j, 0)
-    return x_T, jax.tree.map(lambda v: v[src], traj)
+    return (x_T, jax.tree.map(lambda v: v[src], traj)), res.failed
 
 
 def encode_sde(

@@ -71,6 +71,11 @@ def time_grid(
 
     ```
     """
+    from ._validate import check_schedule
+
+    check_schedule(schedule, "time_grid")
+    if isinstance(n, np.integer) and not isinstance(n, np.bool_):
+        n = int(n)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"time_grid: n must be a Python int >= 1, got {n!r}.")
     if spacing not in _SPACINGS + _DIFFUSERS_SPACINGS:

@@ -25,7 +25,6 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array
 
-from . import _validate as V
 from ._conditioning import z_at
 from ._controller import AbstractAdaptiveController
 from ._core import Args, Problem, bind_model, draw_noise, is_array, state_dtype
@@ -78,6 +77,7 @@ class LoopResult(NamedTuple):
     grid: Grid
     stats: Stats
     checkpoints: Any = None  # Checkpointed: exact states kept for a reversible solver
+    failed: Any = None  # adaptive: a bool, the end was not reached (else None)
 
 
 class Checkpoints(NamedTuple):
@@ -354,26 +354,24 @@ def _adaptive(problem: Problem, args: Args, save, bounded: bool, checkpoints=Non
         )
     else:
         c = lax.while_loop(running, body, carry)
-    x_0 = _budget_check(solver.output(c["state"]), c["done"], M)
+    x_0 = solver.output(c["state"])
     n_acc, n_try = c["n_acc"], c["n_try"]
     zero = jnp.zeros((), jnp.int32)
     evals = n_try * solver.evals_per_step - (c["reused"] if reuse else 0)
     stats = Stats(n_acc, n_try, n_try - n_acc, evals, zero, zero)
     grid = Grid(lax.stop_gradient(c["ts_buf"]), n_acc, None)
-    return LoopResult(x_0, c["state"], c.get("saved"), grid, stats, _checkpointed(c.get("ck")))
+    return LoopResult(
+        x_0, c["state"], c.get("saved"), grid, stats, _checkpointed(c.get("ck")), ~c["done"]
+    )
 
 
-def _budget_check(x_0, done, M):
-    return V.runtime_check(
-        x_0,
-        [
-            (
-                ~done,
-                f"sample: the adaptive controller did not reach ts[-1] within max_steps={M} "
-                f"attempts (or its step size collapsed); raise max_steps, loosen rtol/atol, or "
-                f"check the model for non-finite outputs.",
-            )
-        ],
+def budget_message(problem: Problem, where: str) -> str:
+    """The error of an adaptive run that did not reach its end (``LoopResult.failed``)."""
+    m = problem.controller.max_steps
+    return (
+        f"{where}: the adaptive controller did not reach ts[-1] within max_steps={m} attempts "
+        f"(or its step size collapsed); raise max_steps, loosen rtol/atol, or check the model "
+        f"for non-finite outputs."
     )
 
 

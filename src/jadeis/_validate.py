@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +30,12 @@ def is_concrete(v) -> bool:
 
 def check_schedule(schedule, where: str):
     if not isinstance(schedule, AbstractSchedule):
+        hint = ""
+        if isinstance(schedule, type) and issubclass(schedule, AbstractSchedule):
+            hint = f" (the class itself: pass an instance, {schedule.__name__}())"
         raise ValueError(
             f"{where}: schedule must be a jadeis schedule such as jadeis.VPLinear(), got "
-            f"{schedule!r}."
+            f"{schedule!r}{hint}."
         )
 
 
@@ -50,9 +54,12 @@ def check_adjoint(adjoint, where: str):
     from ._adjoint import AbstractAdjoint
 
     if not isinstance(adjoint, AbstractAdjoint):
+        hint = ""
+        if isinstance(adjoint, type) and issubclass(adjoint, AbstractAdjoint):
+            hint = f" (the class itself: pass an instance, {adjoint.__name__}())"
         raise ValueError(
             f"{where}: adjoint must be a gradient strategy such as jadeis.DiscreteAdjoint(), "
-            f"jadeis.AdjointDEIS(...) or jadeis.Backprop(), got {adjoint!r}."
+            f"jadeis.AdjointDEIS(...) or jadeis.Backprop(), got {adjoint!r}{hint}."
         )
 
 
@@ -152,7 +159,45 @@ def _raise_if(flags, messages):
     flags = np.asarray(flags)
     for j, message in enumerate(messages):
         if np.any(flags[..., j]):
+            # JAX wraps an exception raised in a host callback in a JaxRuntimeError and logs
+            # "jax.debug.callback failed" with a stack first: log the sentence before that,
+            # so that it is the first thing a terminal shows (logging's last-resort handler
+            # prints it to stderr unless the application configures logging)
+            logging.getLogger("jadeis").error("%s", message)
             raise ValueError(message)
+
+
+def report(x, flags: dict, messages: dict):
+    """After a compiled run that returned ``flags`` (name -> bool array, or None): raise
+    ``ValueError(messages[name])`` for the first true flag, in the order of ``messages``,
+    right away when the flags are concrete (an eager call, also under ``jax.grad``: a plain
+    Python exception and traceback); under ``jit``/``vmap`` (traced flags) attach them to
+    ``x`` as run-time checks (:func:`runtime_check`). Returns ``x``."""
+    items = [(flags[k], m) for k, m in messages.items() if flags.get(k) is not None]
+    if not items:
+        return x
+    values = [concrete_value(f) for f, _ in items]
+    if all(v is not None for v in values):
+        for v, (_, message) in zip(values, items):
+            if bool(np.any(v)):
+                raise ValueError(message)
+        return x
+    return runtime_check(x, items)
+
+
+def concrete_value(x):
+    """``x`` as a NumPy value where it is known now: a concrete array, or a tracer of
+    differentiation (``jax.grad``/``jvp`` outside ``jit``: the outputs of a ``custom_vjp``
+    are such tracers, with concrete primals); ``None`` under ``jit``/``vmap``."""
+    if not isinstance(x, jax.core.Tracer):
+        return np.asarray(x)
+    try:  # no public API reads a differentiation tracer's primal; None if this moves
+        from jax._src import core as jax_core
+
+        value = jax_core.to_concrete_value(x)
+    except Exception:  # noqa: BLE001 - any failure means "not known now"
+        return None
+    return None if value is None else np.asarray(value)
 
 
 def runtime_check(x, conditions):
@@ -342,12 +387,27 @@ def check_model(eps_fn, params, x, t, z, where: str):
         or out.shape != x.shape
         or not jnp.issubdtype(out.dtype, jnp.floating)
     ):
-        got = f"shape {getattr(out, 'shape', None)}, dtype {getattr(out, 'dtype', type(out))}"
+        got = _describe_output(out)
         raise ValueError(
             f"{where}: eps_fn must return a floating-point array of the shape of x "
             f"({x.shape}; any floating dtype, cast to x's {x.dtype}); it returned {got}. "
             f"Reshape the model output or cast it to a floating dtype."
         )
+
+
+def _describe_output(out) -> str:
+    """What a model returned, for a message: an array's shape and dtype, else its kind."""
+    if hasattr(out, "shape") and hasattr(out, "dtype"):
+        return f"shape {out.shape}, dtype {out.dtype}"
+    if out is None:
+        return "None (no return statement?)"
+    if isinstance(out, (tuple, list, dict)):
+        kind = type(out).__name__
+        return (
+            f"a {kind} of {len(out)} entries (return only the noise prediction, e.g. "
+            f"out[0], or one array)"
+        )
+    return f"a {type(out).__name__}"
 
 
 def _check_model_tree(eps_fn, params, x, t, z, where: str):

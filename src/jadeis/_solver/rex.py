@@ -143,7 +143,9 @@ def log_amplification(growth, coupling):
 
 
 def _check_coupling(owner, coupling):
-    ok = isinstance(coupling, (int, float)) and not isinstance(coupling, bool)
+    ok = isinstance(coupling, (int, float, np.integer, np.floating)) and not isinstance(
+        coupling, (bool, np.bool_)
+    )
     if ok:
         ok = 0.0 < float(coupling) <= 1.0
     if not ok:
