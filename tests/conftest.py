@@ -2,12 +2,22 @@ import contextlib
 
 import jax
 import pytest
+from hypothesis import HealthCheck, settings
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 # scripts that the sharding tests run in subprocesses with several host devices
 collect_ignore = ["sharding_scripts"]
+
+# hypothesis profiles: "ci" (the default: derandomised, the same examples on every run, one
+# per case where a test sets no count of its own) and "thorough" for local runs:
+#   python -m pytest --hypothesis-profile=thorough tests/test_properties.py
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                     HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=1, derandomize=True, **_COMMON)
+settings.register_profile("thorough", max_examples=25, **_COMMON)
+settings.load_profile("ci")
 
 
 def pytest_configure(config):

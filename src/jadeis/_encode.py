@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -120,10 +121,7 @@ def encode_ode(
                 f"(ts of N + 1 times) and decode on the same grid."
             )
         V.check_pytree_solver(args.x_T, problem.solver, "x_0", where)
-        n = args.ts.shape[0] - 1
-        problem.solver.check_inversion(n, state_dtype(args.x_T), where)
-        out = _encode_exact(problem, args, checked)
-        return _with_fingerprint(out, args.ts, return_trajectory)
+        return _exact_inversion(problem, args, checked, return_trajectory, where)
     out, failed = _encode_ode(problem, args, checked, _ends_at_zero(args.ts))
     if failed is None:
         return out
@@ -131,6 +129,46 @@ def encode_ode(
     if return_trajectory:
         return V.report(out[0], {"failed": failed}, message), out[1]
     return V.report(out, {"failed": failed}, message)
+
+
+def _exact_inversion(problem, args, checked, return_trajectory, where):
+    """Encode with a reversible solver, refusing what its inverse cannot return.
+
+    Two limits (docs/math/reversible.md#conditioning): the coupling's zeta^-N (refused
+    before anything runs), and the growth of the Lawson state, whose worst case is far
+    from what a trained denoiser reaches: where it could matter (eps e^bound > 1e-3 of the
+    state's dtype) the encoding is verified by decoding the latent in the same compiled
+    call, and a round trip off by more than sqrt(eps) is refused with the measured error.
+    """
+    solver = problem.solver
+    n = args.ts.shape[0] - 1
+    dtype = state_dtype(args.x_T)
+    solver.check_inversion(n, dtype, where)
+    bound = solver.log_amplification_bound(args.schedule, args.ts, n)
+    eps = float(jnp.finfo(dtype).eps)
+    verify = bound is None or eps * math.exp(min(bound, 700.0)) > 1e-3
+    out, err = _encode_exact(problem, args, checked, verify)
+    if err is not None:
+        tol = math.sqrt(eps)
+        message = (
+            f"{where}: the {type(solver).__name__} latent does not decode to x_0 (round trip "
+            f"off by more than {tol:.2g}, relative, the bound for {jnp.dtype(dtype).name}): "
+            f"exact inversion divides out the growth of the Lawson state over the grid, "
+            f"which amplifies rounding by up to {_amplification(bound)} here "
+            f"(docs/math/reversible.md#conditioning). Encode in float64, with more steps, or "
+            f"with Rex (ODE) instead of SDERex."
+        )
+        latent = out[0] if return_trajectory else out
+        x = V.report(latent.x, {"failed": err > tol}, {"failed": message})
+        latent = RexLatent(x, latent.xh, latent.num_steps, latent.solver, latent.grid)
+        out = (latent, out[1]) if return_trajectory else latent
+    return _with_fingerprint(out, args.ts, return_trajectory)
+
+
+def _amplification(bound) -> str:
+    if bound is None:
+        return "an amount unknown under jit"
+    return f"e^{bound:.1f} = {math.exp(min(bound, 700.0)):.2g}"
 
 
 def _with_fingerprint(out, ts, with_trajectory: bool):
@@ -144,9 +182,11 @@ def _with_fingerprint(out, ts, with_trajectory: bool):
 
 
 @eqx.filter_jit
-def _encode_exact(problem, args, ts_checked):
+def _encode_exact(problem, args, ts_checked, verify: bool = False):
     """Exact inversion of a reversible solver: its ``inverse_step`` from ``init(x_0)`` at
-    ``ts[-1]`` back to ``ts[0]``; returns its latent (and the N + 1 samples)."""
+    ``ts[-1]`` back to ``ts[0]``; returns its latent (and the N + 1 samples) and, with
+    ``verify``, the relative error of decoding it (the largest over the leading axis of a
+    batch), else ``None``."""
     V.check_problem_model(problem, args, "encode_ode", t_index=-1)  # once per compilation
     params, x_0, z, schedule, ts, noise = args
     if not ts_checked:
@@ -164,9 +204,31 @@ def _encode_exact(problem, args, ts_checked):
 
     first, saved = lax.scan(body, solver.init(x_0), (jnp.arange(n), inputs), reverse=True)
     latent = solver.latent(first, n)
+    err = None
+    if verify:
+        def forward(state, xs):
+            i, inp = xs
+            model = bind_model(problem, params, z_at(z, i, problem.per_step_z))
+            xi = draw_noise(problem, noise, i, solver.output(state))
+            return solver.step(model, inp, state, xi)[0], None
+
+        last, _ = lax.scan(forward, first, (jnp.arange(n), inputs))
+        err = _relative_error(solver.output(last), x_0)
     if problem.save_trajectory:
-        return latent, jax.tree.map(lambda s, x: jnp.concatenate([s, x[None]]), saved, x_0)
-    return latent
+        saved = jax.tree.map(lambda s, x: jnp.concatenate([s, x[None]]), saved, x_0)
+        return (latent, saved), err
+    return latent, err
+
+
+def _relative_error(a, b):
+    """|a - b| / |b| per example (over the leading axis of a batch), the largest."""
+    if b.ndim < 2:
+        a, b = a[None], b[None]
+    a = a.reshape(a.shape[0], -1).astype(jnp.float32)
+    b = b.reshape(b.shape[0], -1).astype(jnp.float32)
+    num = jnp.linalg.norm(a - b, axis=1)
+    den = jnp.maximum(jnp.linalg.norm(b, axis=1), float(jnp.finfo(jnp.float32).tiny))
+    return jnp.max(jnp.where(jnp.isfinite(num), num / den, jnp.inf))
 
 
 def _ends_at_zero(ts) -> bool | None:
@@ -445,9 +507,8 @@ def _encode_sde_exact(eps_fn, params, x_0, z, schedule, ts, solver, key, path, w
         key=key,
     )
     n = args.ts.shape[0] - 1
-    solver.check_inversion(n, state_dtype(args.x_T), where)
-    latent = _encode_exact(problem, args, V.checked_eagerly(args.ts, args.schedule))
-    latent = _with_fingerprint(latent, args.ts, False)
+    latent = _exact_inversion(problem, args, V.checked_eagerly(args.ts, args.schedule), False,
+                              where)
     return latent, _draw_all(problem, args.noise, n, args.x_T)
 
 
