@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,3 +187,27 @@ def all_solver_classes():
         and issubclass(getattr(jadeis, name), jadeis.AbstractSolver)
         and not name.startswith("Abstract")
     )
+
+
+# ---------------------------------------------------------------------------------------
+# counting compilations (a public JAX mechanism, not a counter kept in the library)
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def count_compilations():
+    """Count XLA compilations inside the block: ``with count_compilations() as n: ...``,
+    then ``len(n)`` (``jax.monitoring``'s backend-compile events; a cached program is not
+    compiled again)."""
+    events: list = []
+
+    def listener(event, duration, **kwargs):
+        if event == _COMPILE_EVENT:
+            events.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

@@ -226,3 +226,81 @@ def test_trajectory_must_match_solver_and_ts(adjoint):
     # the correct SDE path is accepted, and the check can be turned off
     solve(sde[-1], trajectory=sde, solver=sde_solver, adjoint=adjoint)
     solve(ode[-1], trajectory=ode[::-1], adjoint=adjoint, check_trajectory=False)
+
+
+# ---------------------------------------------------------------------------------------
+# what the trajectory check sees (docs/checks.md)
+
+
+def _ddim_path_with_default_solver(n, dtype):
+    from .helpers import RandomMLP
+
+    mlp = RandomMLP(dim=3, hidden=8, seed=3)
+    params = jax.tree.map(lambda v: v.astype(dtype), mlp.params)
+    x_T = jax.random.normal(jax.random.key(0), (2, 3), dtype)
+    ts = jadeis.time_grid(SCH, n, dtype=dtype)
+    traj = jadeis.sample_trajectory(mlp.eps_fn, params, x_T, None, schedule=SCH, ts=ts,
+                                    solver=jadeis.DDIM())
+    return lambda **kw: jadeis.solve_adjoint(mlp.eps_fn, params, None, 2 * traj[-1],
+                                             schedule=SCH, ts=ts, trajectory=traj, **kw)
+
+
+@pytest.mark.parametrize("n", [8, 20])
+def test_a_ddim_path_given_with_the_default_solver_is_refused(n):
+    """The first and last steps it used to re-run are first order (or within the
+    tolerance), so a DDIM path passed for DPMSolverPP(2)'s and the gradient was 5-14% off
+    (50% on the digits model); every step is checked now (the middle ones differ by
+    1e-3 .. 1e-1)."""
+    solve = _ddim_path_with_default_solver(n, jnp.float64)
+    with pytest.raises(ValueError, match=r"does not match the sampler DPMSolverPP.*steps checked"):
+        solve()
+    solve(solver=jadeis.DDIM())  # the right solver passes
+
+
+@pytest.mark.float32
+@pytest.mark.parametrize("n", [8, 20])
+def test_a_ddim_path_given_with_the_default_solver_is_refused_in_float32(n):
+    solve = _ddim_path_with_default_solver(n, jnp.float32)
+    with pytest.raises(ValueError, match="does not match the sampler DPMSolverPP"):
+        solve()
+    solve(solver=jadeis.DDIM())
+
+
+def test_an_ode_path_given_with_an_sde_solver_is_refused_for_a_small_state():
+    """The implied noise of an ODE path is smooth in the step (lag-1 correlation 0.98-1.00)
+    and its mean square can look plausible (0.9-1.1 for the 8-element state below); the old
+    per-step 10-sigma bound on the mean square alone passed it for small states (its lower
+    end was negative). The correlation across steps refuses it, down to 2 elements at
+    N = 20; below (N - 1) d ~ 36 it cannot (docs/checks.md)."""
+    ts = jadeis.time_grid(SCH, 20)
+    for x_T in (jnp.asarray([[0.3, -0.2]]),
+                jnp.asarray([[0.3, -0.2, 0.5, 0.1], [1.0, -1.2, 0.0, 0.4]])):
+        ode = jadeis.sample_trajectory(eps_fn, 0.5, x_T, 0.1, schedule=SCH, ts=ts)
+        for solver in (jadeis.SDEDPMSolverPP(), jadeis.SDEDPMSolver(), jadeis.SDEDPMSolverPP(2)):
+            with pytest.raises(ValueError, match="correlated from one step to the next"):
+                jadeis.solve_adjoint(eps_fn, 0.5, 0.1, ode[-1], schedule=SCH, ts=ts,
+                                     trajectory=ode, solver=solver)
+            sde = jadeis.sample_trajectory(eps_fn, 0.5, x_T, 0.1, schedule=SCH, ts=ts,
+                                           solver=solver, key=jax.random.key(3))
+            jadeis.solve_adjoint(eps_fn, 0.5, 0.1, sde[-1], schedule=SCH, ts=ts,
+                                 trajectory=sde, solver=solver)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
+def test_every_solver_accepts_its_own_path(dtype):
+    """No false alarms: every solver's own trajectory passes (every step checked where the
+    state can be rebuilt), in float64 and float32 states."""
+    from .helpers import SOLVER_REGISTRY, RandomMLP
+
+    mlp = RandomMLP(dim=3, hidden=8, seed=3)
+    params = jax.tree.map(lambda v: v.astype(dtype), mlp.params)
+    x_T = jax.random.normal(jax.random.key(0), (4, 3), dtype)
+    ts = jadeis.time_grid(SCH, 12, dtype=dtype)
+    for solver, _ in SOLVER_REGISTRY.values():
+        kw = {"key": jax.random.key(2)} if solver.stochastic else {}
+        traj = jadeis.sample_trajectory(mlp.eps_fn, params, x_T, None, schedule=SCH, ts=ts,
+                                        solver=solver, **kw)
+        if isinstance(solver, (jadeis.Rex, jadeis.SDERex)):
+            continue  # no solve_adjoint path for ReversibleAdjoint; DiscreteAdjoint needs xh
+        jadeis.solve_adjoint(mlp.eps_fn, params, None, traj[-1], schedule=SCH, ts=ts,
+                             trajectory=traj, solver=solver)

@@ -118,10 +118,6 @@ def test_every_cell(row):
 
     for name, adjoint in STRATEGIES.items():
         claim = row[name]
-        if (row["solver"], name) == ("SDERex", "ReversibleAdjoint"):
-            # known: the SDE reconstruction by the inverse loses accuracy on this model
-            # (1-13% on 5-20 steps); tracked in the reliability work, checked there
-            continue
         if claim.startswith("refused"):
             reason = REASONS[claim.split(":", 1)[1].strip()]
             with pytest.raises(ValueError, match=re.escape(reason)):

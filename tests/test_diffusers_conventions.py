@@ -2,6 +2,8 @@
 zero terminal SNR, prediction-type names. The references are DDIM / DPM-Solver++(2M) loops
 on integer timesteps written in numpy from diffusers' formulas (float64)."""
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -214,3 +216,39 @@ def test_diffusers_spacing_needs_discrete_schedule():
         jadeis.time_grid(jadeis.VPLinear(), 10, "trailing")
     with pytest.raises(ValueError, match="final='zero'"):
         jadeis.time_grid(jadeis.DiscreteVP.ddpm_linear(), 10, "leading")  # ends at k = 0
+
+
+def test_diffusers_helpers_refuse_what_they_would_ignore():
+    """Unknown spacing names, convention values, non-integer steps_offset or
+    num_train_timesteps, and options that a spacing ignores are a ValueError naming the
+    argument (each was accepted and ignored, or truncated)."""
+    sch = jadeis.DiscreteVP.scaled_linear()
+    cases = [
+        (lambda: jadeis.diffusers_timesteps(1000, 10, "bogus"), "spacing must be one of"),
+        (lambda: jadeis.diffusers_timesteps(1000, 10, "leading", steps_offset=0.5),
+         "steps_offset must be an int"),
+        (lambda: jadeis.diffusers_timesteps(1000.5, 10, "leading"),
+         "num_train_timesteps must be an int"),
+        (lambda: jadeis.diffusers_timesteps(1000, 2.0, "leading"), "n must be an int"),
+        (lambda: jadeis.diffusers_timesteps(1000, 10, "trailing", convention="DDIM"),
+         "convention must be one of"),
+        (lambda: jadeis.time_grid(sch, 10, "leading", steps_offset=1.5),
+         "steps_offset must be an int"),
+        (lambda: jadeis.time_grid(sch, 10, "leading", steps_offset=-1),
+         "steps_offset must be an int >= 0"),
+        (lambda: jadeis.time_grid(sch, 10, "trailing", convention=None),
+         "convention must be one of"),
+        (lambda: jadeis.time_grid(jadeis.VPLinear(), 10, convention="dpmsolver"),
+         "convention='dpmsolver' applies to diffusers' spacings"),
+        (lambda: jadeis.time_grid(jadeis.VPLinear(), 10, steps_offset=1),
+         "steps_offset=1 applies to diffusers' spacings"),
+    ]
+    for make, match in cases:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            make()
+    # NumPy integers are integers; diffusers ignores steps_offset outside "leading", so do we
+    k = jadeis.diffusers_timesteps(np.int64(1000), np.int64(10), "leading",
+                                   steps_offset=np.int64(1))
+    assert k.tolist() == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+    np.testing.assert_array_equal(jadeis.diffusers_timesteps(1000, 10, "trailing", steps_offset=1),
+                                  jadeis.diffusers_timesteps(1000, 10, "trailing"))

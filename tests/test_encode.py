@@ -1,5 +1,7 @@
 """encode_ode (DDIM inversion) and encode_sde (Cycle-SDE noises)."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -161,3 +163,80 @@ def test_digits_model_round_trips():
         noise=noise,
     )
     np.testing.assert_allclose(out, x0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# grids ending at t = 0 (time_grid(..., final="zero"), diffusers' set_alpha_to_one=True)
+
+
+def test_every_solver_steps_to_zero_or_refuses_with_the_reason():
+    """The step to sigma = 0 is taken in its first-order limit x_0 = D(x, s) (singlestep
+    solvers returned NaN there), or refused where it is not defined (Rex, SDERex: NaN)."""
+    from .helpers import SOLVER_REGISTRY, RandomMLP
+
+    mlp = RandomMLP(dim=2, hidden=8, seed=3)
+    ts = jadeis.time_grid(SCH, 6, final="zero")
+    for name, (solver, _) in SOLVER_REGISTRY.items():
+        kw = {"key": jax.random.key(0)} if solver.stochastic else {}
+        run = partial(jadeis.sample, mlp.eps_fn, mlp.params, X0, None, schedule=SCH, ts=ts,
+                      solver=solver, **kw)
+        if isinstance(solver, (jadeis.Rex, jadeis.SDERex)):
+            with pytest.raises(ValueError, match=r"ends at t = 0.*cannot step: its Lawson time"):
+                run()
+            continue
+        assert bool(jnp.all(jnp.isfinite(run()))), name
+    # the first-order limit: the data prediction at the last time before 0
+    for order in (1, 2, 3):
+        for pred in ("data", "noise"):
+            solver = jadeis.SinglestepDPMSolver(order, pred)
+            got = jadeis.sample(mlp.eps_fn, mlp.params, X0, None, schedule=SCH, ts=ts,
+                                solver=solver)
+            x = jadeis.sample(mlp.eps_fn, mlp.params, X0, None, schedule=SCH, ts=ts[:-1],
+                              solver=solver)
+            t = ts[-2]
+            want = (x - SCH.sigma(t) * mlp.eps_fn(mlp.params, x, t, None)) / SCH.alpha(t)
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
+
+
+def test_rex_refuses_a_traced_grid_ending_at_zero():
+    f = jax.jit(lambda ts: jadeis.sample(ORACLE.eps_fn, S2, X0, MU, schedule=SCH, ts=ts,
+                                         solver=jadeis.Rex()))
+    with pytest.raises(Exception, match="ends at 0.*Rex cannot step"):
+        jax.block_until_ready(f(jadeis.time_grid(SCH, 4, final="zero")))
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [jadeis.DDIM(), jadeis.DPMSolverPP(order=2), jadeis.UniPC(order=2),
+     jadeis.SinglestepDPMSolver(order=3)],
+    ids=lambda s: type(s).__name__,
+)
+def test_encode_ode_on_a_grid_ending_at_zero(solver):
+    """'Invert on the ts I sample with': the first step up from sigma = 0 evaluates the
+    model at its upper time (diffusers' DDIMInverseScheduler), not at t = 0 where the noise
+    prediction is undefined (it returned NaN); the round trip is as good as on the grid
+    ending at t_min."""
+    errs = {}
+    for final in (None, "zero"):
+        ts = jadeis.time_grid(SCH, 100, final=final)
+        x_T, traj = jadeis.encode_ode(ORACLE.eps_fn, S2, X0, MU, schedule=SCH, ts=ts,
+                                      solver=solver, return_trajectory=True)
+        assert traj.shape == (101,) + X0.shape
+        np.testing.assert_array_equal(traj[0], x_T)
+        np.testing.assert_array_equal(traj[-1], X0)
+        back = jadeis.sample(ORACLE.eps_fn, S2, x_T, MU, schedule=SCH, ts=ts, solver=solver)
+        errs[final] = float(jnp.max(jnp.abs(back - X0)))
+    assert np.isfinite(errs["zero"]) and errs["zero"] < 2 * errs[None] + 1e-6, errs
+    # one step, to t = 0 only
+    ts1 = jadeis.time_grid(SCH, 1, final="zero")
+    x_T = jadeis.encode_ode(ORACLE.eps_fn, S2, X0, MU, schedule=SCH, ts=ts1, solver=solver)
+    want = SCH.alpha(ts1[0]) * X0 + SCH.sigma(ts1[0]) * ORACLE.eps_fn(S2, X0, ts1[0], MU)
+    np.testing.assert_allclose(x_T, want, rtol=1e-13)
+
+
+def test_encode_ode_on_a_traced_grid_ending_at_zero_is_refused():
+    f = jax.jit(lambda ts: jadeis.encode_ode(ORACLE.eps_fn, S2, X0, MU, schedule=SCH, ts=ts))
+    with pytest.raises(Exception, match="concrete"):
+        jax.block_until_ready(f(jadeis.time_grid(SCH, 4, final="zero")))
+    np.testing.assert_allclose(f(jadeis.time_grid(SCH, 4)), jadeis.encode_ode(
+        ORACLE.eps_fn, S2, X0, MU, schedule=SCH, ts=jadeis.time_grid(SCH, 4)), rtol=1e-13)

@@ -1,8 +1,10 @@
 """Bad input gets a clear error naming the argument, never a silent NaN.
 
-Static misuse raises ``ValueError`` while tracing; checks on traced values (the times in
-``ts``, ``check_finite``) go through ``equinox.error_if`` and raise a ``RuntimeError``
-subclass at run time whose message carries the text.
+Static misuse raises ``ValueError`` while tracing. What is known only at run time (an adaptive
+run out of steps, ``check_finite``) comes back as flags with the result: an eager call raises a
+plain ``ValueError`` (also under ``jax.grad``/``vmap``); under a user's ``jit`` (and for a
+traced ``ts``) a host callback raises it, which JAX wraps in a ``JaxRuntimeError`` whose text
+ends in the sentence, logged first on the "jadeis" logger.
 """
 
 from __future__ import annotations
@@ -201,7 +203,7 @@ def test_ode_sampler_ignores_no_key():
 
 @pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
 def test_non_finite_x_T_with_check_finite(bad):
-    with pytest.raises(RuntimeError, match="x_T has non-finite values"):
+    with pytest.raises(ValueError, match="x_T has non-finite values"):
         run(x_T=X_T.at[1, 0].set(bad), check_finite=True)
 
 
@@ -216,8 +218,11 @@ def test_check_finite_catches_a_model_that_produces_nan():
     def eps_fn(params, x, t, z):
         return jnp.where(t < 0.5, jnp.nan, 1.0) * ORACLE.eps_fn(params, x, t, z)
 
-    with pytest.raises(RuntimeError, match="sampling produced non-finite values"):
+    with pytest.raises(ValueError, match="sampling produced non-finite values"):
         run(eps_fn=eps_fn, check_finite=True)
+    f = jax.jit(lambda x: run(eps_fn=eps_fn, x_T=x, check_finite=True))
+    with pytest.raises((RuntimeError, ValueError), match="sampling produced non-finite values"):
+        jax.block_until_ready(f(X_T))
 
 
 def test_x_T_must_be_floating():
@@ -262,3 +267,131 @@ def test_as_eps_fn_bad_prediction():
 def test_adjoint_must_be_a_strategy():
     with pytest.raises(ValueError, match="adjoint must be"):
         run(adjoint="backprop")
+
+
+# ---------------------------------------------------------------------------------------
+# one line that names the argument and the fix
+
+
+def _constructors():
+    i, f = np.int64, np.float32
+    return {
+        "DPMSolver": lambda: jadeis.DPMSolver(order=i(3)),
+        "DPMSolverPP": lambda: jadeis.DPMSolverPP(order=i(3)),
+        "UniPC": lambda: jadeis.UniPC(order=i(3)),
+        "SinglestepDPMSolver": lambda: jadeis.SinglestepDPMSolver(order=i(2)),
+        "SDEDPMSolver": lambda: jadeis.SDEDPMSolver(order=i(1)),
+        "SDEDPMSolverPP": lambda: jadeis.SDEDPMSolverPP(order=i(2)),
+        "Rex": lambda: jadeis.Rex(coupling=f(0.99)),
+        "SDERex": lambda: jadeis.SDERex(coupling=f(0.99)),
+        "PIDController": lambda: jadeis.PIDController(max_steps=i(64), rtol=f(1e-3)),
+        "Adaptive": lambda: jadeis.Adaptive(jadeis.DPMSolverPP(i(3)), max_steps=i(64)),
+        "AdjointDEIS": lambda: jadeis.AdjointDEIS(order=i(2), steps=i(8)),
+        "Truncated": lambda: jadeis.Truncated(i(2)),
+        "ReversibleAdjoint": lambda: jadeis.ReversibleAdjoint(checkpoints=i(3)),
+    }
+
+
+def test_numpy_numbers_in_every_constructor():
+    """NumPy integers (and floats) become Python numbers in every solver, strategy and
+    controller (AdjointDEIS kept np.int64, Rex refused np.float32 couplings), so they are
+    static everywhere; bad ones still fail with the argument's name."""
+    made = {k: make() for k, make in _constructors().items()}
+    for name, obj in made.items():
+        for field in ("order", "steps", "max_steps", "k", "checkpoints"):
+            v = getattr(obj, field, None)
+            assert v is None or type(v) is int, (name, field, type(v))
+    assert type(made["Rex"].coupling) is float
+    ts = jadeis.time_grid(SCH, np.int64(8))
+    for name in ("DPMSolver", "UniPC", "SinglestepDPMSolver", "Rex"):
+        assert bool(jnp.all(jnp.isfinite(run(ts=ts, solver=made[name])))), name
+    g = jax.grad(lambda x: jnp.sum(run(x_T=x, adjoint=made["AdjointDEIS"])))(X_T)
+    assert bool(jnp.all(jnp.isfinite(g)))
+    with pytest.raises(ValueError, match="UniPC: order must be 1 or 2 or 3, got order=4"):
+        jadeis.UniPC(order=np.int64(4))
+    with pytest.raises(ValueError, match="AdjointDEIS: steps must be an int >= 1"):
+        jadeis.AdjointDEIS(steps=np.float64(2.5))
+
+
+def test_unipc_order_3_on_a_one_step_grid_is_its_first_order_step():
+    """(Was reported to fail inside scan; it runs, and equals order 1 on 1 step.)"""
+    ts = jadeis.time_grid(SCH, 1)
+    np.testing.assert_array_equal(run(ts=ts, solver=jadeis.UniPC(order=3)),
+                                  run(ts=ts, solver=jadeis.UniPC(order=1)))
+
+
+def test_a_class_or_none_where_an_instance_is_expected():
+    """time_grid(jadeis.VPLinear, 10) raised a TypeError deep in log_snr; adjoint=None an
+    AttributeError; each now names the argument (and, for a class, says to call it)."""
+    cases = [
+        (lambda: jadeis.time_grid(jadeis.VPLinear, 10), "time_grid: schedule must be"),
+        (lambda: run(adjoint=None), "sample: adjoint must be a gradient strategy"),
+        (lambda: jadeis.sample_trajectory(ORACLE.eps_fn, S2, X_T, MU, schedule=SCH, ts=TS,
+                                          adjoint=None), "sample_trajectory: adjoint must"),
+        (lambda: jadeis.solve(ORACLE.eps_fn, S2, X_T, MU, schedule=SCH, ts=TS, adjoint=None),
+         "solve: adjoint must"),
+        (lambda: run(adjoint=jadeis.DiscreteAdjoint), r"pass an instance, DiscreteAdjoint\(\)"),
+        (lambda: run(solver=None), "sample: solver must be a jadeis sampler"),
+        (lambda: run(solver=jadeis.DDIM), r"pass an instance, DDIM\(\)"),
+        (lambda: jadeis.sample(ORACLE.eps_fn, S2, X_T, MU, schedule=jadeis.VE, ts=TS),
+         r"schedule must be a jadeis schedule.*pass an instance, VE\(\)"),
+        (lambda: jadeis.encode_ode(ORACLE.eps_fn, S2, X_T, MU, schedule=SCH, ts=TS,
+                                   solver=None), "encode_ode: solver must be"),
+    ]
+    for make, match in cases:
+        with pytest.raises(ValueError, match=match):
+            make()
+
+
+@pytest.mark.parametrize(
+    "out,got",
+    [(lambda x: (x, x), "a tuple of 2 entries"), (lambda x: {"eps": x}, "a dict of 1 entries"),
+     (lambda x: None, "None")],
+    ids=["tuple", "dict", "none"],
+)
+def test_a_model_returning_a_tuple_is_told_so(out, got):
+    """It was told "returned shape None"."""
+    with pytest.raises(ValueError, match=f"eps_fn must return a floating-point array.*{got}"):
+        run(eps_fn=lambda p, x, t, z: out(x))
+
+
+def _out_of_steps(x_T=X_T, adjoint=jadeis.DiscreteAdjoint()):
+    solver = jadeis.Adaptive(jadeis.DPMSolverPP(order=3), rtol=1e-10, atol=1e-10, max_steps=4)
+    return jadeis.sample(ORACLE.eps_fn, S2, x_T, MU, schedule=SCH,
+                         ts=jnp.asarray([SCH.t_max, SCH.t_min]), solver=solver, adjoint=adjoint)
+
+
+BUDGET = r"sample: the adaptive controller did not reach ts\[-1\] within max_steps=4"
+
+
+@pytest.mark.parametrize("adjoint", [jadeis.DiscreteAdjoint(), jadeis.Backprop()],
+                         ids=["discrete", "backprop"])
+def test_run_time_errors_are_plain_value_errors_when_eager(adjoint):
+    """An adaptive run out of steps ended in a JaxRuntimeError ("CpuCallback error") with
+    "jax.debug.callback failed" and a stack logged first; eagerly (also under jax.grad and
+    vmap) it is now a ValueError raised in Python, its sentence the whole message."""
+    with pytest.raises(ValueError, match=BUDGET) as info:
+        _out_of_steps(adjoint=adjoint)
+    assert str(info.value).startswith("sample: the adaptive controller")
+    with pytest.raises(ValueError, match=BUDGET):
+        jax.grad(lambda x: jnp.sum(_out_of_steps(x, adjoint)))(X_T)
+    with pytest.raises(ValueError, match=BUDGET):
+        jax.vmap(lambda x: _out_of_steps(x, adjoint))(X_T[None])
+    with pytest.raises(ValueError, match="encode_ode: the adaptive controller"):
+        jadeis.encode_ode(ORACLE.eps_fn, S2, X_T, MU, schedule=SCH,
+                          ts=jnp.asarray([SCH.t_max, SCH.t_min]),
+                          solver=jadeis.Adaptive(jadeis.SinglestepDPMSolver(3), rtol=1e-10,
+                                                 atol=1e-10, max_steps=4))
+
+
+def test_run_time_errors_under_jit_log_their_sentence_first(caplog):
+    """Under a user's jax.jit the flag is checked by a host callback, which JAX wraps; the
+    sentence is logged (logger "jadeis", printed to stderr by logging's last-resort handler)
+    before JAX's "jax.debug.callback failed" and its stack, and ends the error's text."""
+    f = jax.jit(lambda x: _out_of_steps(x))
+    with caplog.at_level("ERROR"):
+        with pytest.raises((RuntimeError, ValueError)) as info:
+            jax.block_until_ready(f(X_T))
+    assert str(info.value).strip().splitlines()[-1].startswith("ValueError: sample: the adaptive")
+    first = caplog.records[0]
+    assert first.name == "jadeis" and first.getMessage().startswith("sample: the adaptive")

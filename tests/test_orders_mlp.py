@@ -73,6 +73,12 @@ FORWARD = {
     "DPMSolver3": (jadeis.DPMSolver(order=3), 3),
     "DPMSolverPP3": (jadeis.DPMSolverPP(order=3), 3),
     "DPMSolverPP3-plain": (jadeis.DPMSolverPP(order=3, warmup="lower_order"), 2),
+    # fitted only on the Gaussian oracle before (where the order-3 warm-up bug hid)
+    "UniPC2": (jadeis.UniPC(order=2), 3),  # UniPC-p with its corrector: order p + 1
+    "Singlestep2": (jadeis.SinglestepDPMSolver(order=2), 2),
+    "Singlestep3": (jadeis.SinglestepDPMSolver(order=3), 3),
+    "RexMidpoint": (jadeis.Rex(scheme="midpoint"), 2),
+    "RexRK4": (jadeis.Rex(scheme="rk4"), 4),
 }
 ADJOINT = {
     "1-cached": (1, jadeis.DDIM(), "cached"),
@@ -120,7 +126,7 @@ def test_forward_order_mlp(errors, name):
     if order < 3:
         assert abs(measured - order) < 0.2, (measured, errs)
     else:
-        assert measured >= 2.7, (measured, errs)
+        assert measured >= order - 0.3, (measured, errs)
 
 
 def test_plain_warmup_is_second_order_mlp(errors):

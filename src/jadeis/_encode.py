@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from . import _recompile as R, _validate as V
 from ._conditioning import PerStep, z_at
 from ._controller import AbstractController
 from ._core import bind_model, draw_noise, normal_like, state_dtype
-from ._loop import integrate, is_adaptive, trajectory
+from ._ei import model_time_dtype
+from ._loop import budget_message, integrate, is_adaptive, trajectory
 from ._sample import prepare, resolve_solver
 from ._schedule import AbstractSchedule
-from ._solver import DDIM, AbstractSolver, SDEDPMSolver
+from ._solver import DDIM, AbstractSolver, RexLatent, SDEDPMSolver
 from ._solver.base import AbstractLinearMultistepSolver, AbstractReversibleSolver
+from ._solver.rex import grid_fingerprint
 
 
 def encode_ode(
@@ -117,19 +121,77 @@ def encode_ode(
                 f"(ts of N + 1 times) and decode on the same grid."
             )
         V.check_pytree_solver(args.x_T, problem.solver, "x_0", where)
-        return _encode_exact(problem, args, checked)
-    return _encode_ode(problem, args, checked)
+        return _exact_inversion(problem, args, checked, return_trajectory, where)
+    out, failed = _encode_ode(problem, args, checked, _ends_at_zero(args.ts))
+    if failed is None:
+        return out
+    message = {"failed": budget_message(problem, where)}
+    if return_trajectory:
+        return V.report(out[0], {"failed": failed}, message), out[1]
+    return V.report(out, {"failed": failed}, message)
+
+
+def _exact_inversion(problem, args, checked, return_trajectory, where):
+    """Encode with a reversible solver, refusing what its inverse cannot return.
+
+    Two limits (docs/math/reversible.md#conditioning): the coupling's zeta^-N (refused
+    before anything runs), and the growth of the Lawson state, whose worst case is far
+    from what a trained denoiser reaches: where it could matter (eps e^bound > 1e-3 of the
+    state's dtype) the encoding is verified by decoding the latent in the same compiled
+    call, and a round trip off by more than sqrt(eps) is refused with the measured error.
+    """
+    solver = problem.solver
+    n = args.ts.shape[0] - 1
+    dtype = state_dtype(args.x_T)
+    solver.check_inversion(n, dtype, where)
+    bound = solver.log_amplification_bound(args.schedule, args.ts, n)
+    eps = float(jnp.finfo(dtype).eps)
+    verify = bound is None or eps * math.exp(min(bound, 700.0)) > 1e-3
+    out, err = _encode_exact(problem, args, checked, verify)
+    if err is not None:
+        tol = math.sqrt(eps)
+        message = (
+            f"{where}: the {type(solver).__name__} latent does not decode to x_0 (round trip "
+            f"off by more than {tol:.2g}, relative, the bound for {jnp.dtype(dtype).name}): "
+            f"exact inversion divides out the growth of the Lawson state over the grid, "
+            f"which amplifies rounding by up to {_amplification(bound)} here "
+            f"(docs/math/reversible.md#conditioning). Encode in float64, with more steps, or "
+            f"with Rex (ODE) instead of SDERex."
+        )
+        latent = out[0] if return_trajectory else out
+        x = V.report(latent.x, {"failed": err > tol}, {"failed": message})
+        latent = RexLatent(x, latent.xh, latent.num_steps, latent.solver, latent.grid)
+        out = (latent, out[1]) if return_trajectory else latent
+    return _with_fingerprint(out, args.ts, return_trajectory)
+
+
+def _amplification(bound) -> str:
+    if bound is None:
+        return "an amount unknown under jit"
+    return f"e^{bound:.1f} = {math.exp(min(bound, 700.0)):.2g}"
+
+
+def _with_fingerprint(out, ts, with_trajectory: bool):
+    """The latent (of ``out``, or ``out[0]`` with a trajectory) with the fingerprint of a
+    concrete grid recorded (outside the compiled function, so that every grid of one
+    shape shares its compilation)."""
+    latent = out[0] if with_trajectory else out
+    latent = RexLatent(latent.x, latent.xh, latent.num_steps, latent.solver,
+                       grid_fingerprint(ts))
+    return (latent, out[1]) if with_trajectory else latent
 
 
 @eqx.filter_jit
-def _encode_exact(problem, args, ts_checked):
+def _encode_exact(problem, args, ts_checked, verify: bool = False):
     """Exact inversion of a reversible solver: its ``inverse_step`` from ``init(x_0)`` at
-    ``ts[-1]`` back to ``ts[0]``; returns its latent (and the N + 1 samples)."""
+    ``ts[-1]`` back to ``ts[0]``; returns its latent (and the N + 1 samples) and, with
+    ``verify``, the relative error of decoding it (the largest over the leading axis of a
+    batch), else ``None``."""
     R.note_trace("encode_ode", R.problem_parts(problem, args))
     V.check_problem_model(problem, args, "encode_ode", t_index=-1)  # once per compilation
     params, x_0, z, schedule, ts, noise = args
     if not ts_checked:
-        ts = V.check_ts_traced(ts, schedule, "encode_ode")
+        ts = V.check_ts_traced(ts, schedule, "encode_ode", problem.solver)
     solver = problem.solver
     n = ts.shape[0] - 1
     inputs = solver.inputs(schedule, ts, state_dtype(x_0))
@@ -143,35 +205,99 @@ def _encode_exact(problem, args, ts_checked):
 
     first, saved = lax.scan(body, solver.init(x_0), (jnp.arange(n), inputs), reverse=True)
     latent = solver.latent(first, n)
+    err = None
+    if verify:
+        def forward(state, xs):
+            i, inp = xs
+            model = bind_model(problem, params, z_at(z, i, problem.per_step_z))
+            xi = draw_noise(problem, noise, i, solver.output(state))
+            return solver.step(model, inp, state, xi)[0], None
+
+        last, _ = lax.scan(forward, first, (jnp.arange(n), inputs))
+        err = _relative_error(solver.output(last), x_0)
     if problem.save_trajectory:
-        return latent, jax.tree.map(lambda s, x: jnp.concatenate([s, x[None]]), saved, x_0)
-    return latent
+        saved = jax.tree.map(lambda s, x: jnp.concatenate([s, x[None]]), saved, x_0)
+        return (latent, saved), err
+    return latent, err
+
+
+def _relative_error(a, b):
+    """|a - b| / |b| per example (over the leading axis of a batch), the largest."""
+    if b.ndim < 2:
+        a, b = a[None], b[None]
+    a = a.reshape(a.shape[0], -1).astype(jnp.float32)
+    b = b.reshape(b.shape[0], -1).astype(jnp.float32)
+    num = jnp.linalg.norm(a - b, axis=1)
+    den = jnp.maximum(jnp.linalg.norm(b, axis=1), float(jnp.finfo(jnp.float32).tiny))
+    return jnp.max(jnp.where(jnp.isfinite(num), num / den, jnp.inf))
+
+
+def _ends_at_zero(ts) -> bool | None:
+    """Whether a concrete ``ts`` ends at t = 0 (``None`` for a traced one)."""
+    if not V.is_concrete(ts):
+        return None
+    return float(np.asarray(ts)[-1]) == 0.0
 
 
 @eqx.filter_jit
-def _encode_ode(problem, args, ts_checked):
-    """The solver's own step on the reversed grid (per-step z reversed with it)."""
+def _encode_ode(problem, args, ts_checked, zero_end):
+    """The solver's own step on the reversed grid (per-step z reversed with it).
+
+    A grid ending at t = 0 (``zero_end``): the first step, up from the clean data, cannot
+    evaluate the model at sigma = 0 (the noise prediction is undefined there); it is taken
+    as diffusers' ``DDIMInverseScheduler`` takes it, with the model at the step's upper
+    time: ``x_1 = alpha_1 x_0 + sigma_1 eps(x_0, t_1)``. The solver then encodes from
+    ``x_1`` on the rest of the grid."""
     R.note_trace("encode_ode", R.problem_parts(problem, args))
     V.check_problem_model(problem, args, "encode_ode", t_index=-1)  # once per compilation
-    ts = args.ts if ts_checked else V.check_ts_traced(args.ts, args.schedule, "encode_ode")
+    ts = args.ts
+    if not ts_checked:
+        ts = V.check_ts_traced(ts, args.schedule, "encode_ode", problem.solver)
+    if zero_end is None:  # a traced grid: its end is known only at run time
+        ts = V.runtime_check(
+            ts,
+            [(ts[-1] == 0, "encode_ode: a ts ending at t = 0 (final='zero') is encoded only "
+                           "when it is concrete (not traced under jit): pass it as a constant.")],
+        )
     z = args.z
+    n = ts.shape[0] - 1
+    x_first = args.x_T
+    if zero_end:
+        x_0 = args.x_T
+        model = bind_model(problem, args.params, z_at(z, n - 1, problem.per_step_z))
+        dtype = state_dtype(x_0)
+        t_1 = ts[-2]
+        a_1 = args.schedule.alpha(t_1).astype(dtype)
+        s_1 = args.schedule.sigma(t_1).astype(dtype)
+        eps = model(x_0, t_1.astype(model_time_dtype(dtype)))
+        x_first = jax.tree.map(lambda x, e: a_1 * x + s_1 * e, x_0, eps)
+        ts = ts[:-1]
+        if problem.per_step_z:
+            z = PerStep(jax.tree.map(lambda v: v[:-1], z.values))
     if problem.per_step_z:
         z = PerStep(jax.tree.map(lambda v: v[::-1], z.values))
-    args = args._replace(z=z, ts=ts[::-1])
+    if ts.shape[0] == 1:  # one step, to t = 0: done
+        if not problem.save_trajectory:
+            return x_first, None
+        return (x_first, jax.tree.map(lambda a, b: jnp.stack([a, b]), x_first, args.x_T)), None
+    args = args._replace(x_T=x_first, z=z, ts=ts[::-1])
     res = integrate(
         problem, args, save="x" if problem.save_trajectory else None, bounded=is_adaptive(problem)
     )
     x_T = res.x_0
     if not problem.save_trajectory:
-        return x_T
-    traj = trajectory(res.saved, x_T, res.grid)  # from x_0 up to x_T
+        return x_T, res.failed
+    traj = trajectory(res.saved, x_T, res.grid)  # from x_0 (or x_1) up to x_T
     if res.grid.fixed:
-        return x_T, jax.tree.map(lambda v: v[::-1], traj)
+        traj = jax.tree.map(lambda v: v[::-1], traj)
+        if zero_end:
+            traj = jax.tree.map(lambda v, x: jnp.concatenate([v, x[None]]), traj, x_0)
+        return (x_T, traj), res.failed
     # the accepted states reversed (x_T first), then x_0 repeated
     k = jax.tree.leaves(traj)[0].shape[0]
     j = jnp.arange(k, dtype=jnp.int32)
     src = jnp.where(j <= res.grid.count, res.grid.count - j, 0)
-    return x_T, jax.tree.map(lambda v: v[src], traj)
+    return (x_T, jax.tree.map(lambda v: v[src], traj)), res.failed
 
 
 def encode_sde(
@@ -294,7 +420,7 @@ def _encode_sde(problem, args, key, path, ts_checked):
     V.check_problem_model(problem, args, "encode_sde", t_index=-1)  # once per compilation
     params, x_0, z, schedule, ts, _ = args
     if not ts_checked:
-        ts = V.check_ts_traced(ts, schedule, "encode_sde")
+        ts = V.check_ts_traced(ts, schedule, "encode_sde", problem.solver)
     solver = problem.solver
     dtype = state_dtype(x_0)
     if path is None:
@@ -384,7 +510,8 @@ def _encode_sde_exact(eps_fn, params, x_0, z, schedule, ts, solver, key, path, w
         key=key,
     )
     n = args.ts.shape[0] - 1
-    latent = _encode_exact(problem, args, V.checked_eagerly(args.ts, args.schedule))
+    latent = _exact_inversion(problem, args, V.checked_eagerly(args.ts, args.schedule), False,
+                              where)
     return latent, _draw_all(problem, args.noise, n, args.x_T)
 
 

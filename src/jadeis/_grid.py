@@ -71,6 +71,11 @@ def time_grid(
 
     ```
     """
+    from ._validate import check_schedule
+
+    check_schedule(schedule, "time_grid")
+    if isinstance(n, np.integer) and not isinstance(n, np.bool_):
+        n = int(n)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"time_grid: n must be a Python int >= 1, got {n!r}.")
     if spacing not in _SPACINGS + _DIFFUSERS_SPACINGS:
@@ -80,6 +85,16 @@ def time_grid(
         )
     if final not in _FINALS:
         raise ValueError(f"time_grid: final must be None or 'zero', got final={final!r}.")
+    _check_convention(convention, "time_grid")
+    steps_offset = _check_steps_offset(steps_offset, "time_grid")
+    if spacing not in _DIFFUSERS_SPACINGS and (steps_offset != 0 or convention != "ddim"):
+        given = f"steps_offset={steps_offset}" if steps_offset != 0 else \
+            f"convention={convention!r}"
+        raise ValueError(
+            f"time_grid: {given} applies to diffusers' spacings {_DIFFUSERS_SPACINGS} of a "
+            f"DiscreteVP table only; spacing={spacing!r} would ignore it. Drop it, or use "
+            f"spacing='leading' (steps_offset) / a diffusers spacing (convention)."
+        )
     if spacing in _DIFFUSERS_SPACINGS:
         return _diffusers_grid(schedule, n, spacing, t_start, t_end, dtype, final,
                                steps_offset, convention)
@@ -93,8 +108,17 @@ def time_grid(
     t_end = schedule.t_min if t_end is None else t_end
     c_start, c_end = _concrete(t_start), _concrete(t_end)
     lo, hi = _concrete(schedule.t_min), _concrete(schedule.t_max)
-    for name, v in (("t_start", c_start), ("t_end", c_end)):
-        if v is not None and lo is not None and hi is not None and not (lo <= v <= hi):
+    for name, raw, v in (("t_start", t_start, c_start), ("t_end", t_end, c_end)):
+        if v is None or lo is None or hi is None:
+            continue
+        # compared as rounded to the grid's dtype and to the value's own (a float32 end
+        # time read off a float32 grid is inside the range it was built from)
+        dts = {jnp.result_type(float) if dtype is None else jnp.dtype(dtype)}
+        if hasattr(raw, "dtype") and jnp.issubdtype(raw.dtype, jnp.floating):
+            dts.add(jnp.dtype(raw.dtype))
+        lo_r = min([lo] + [float(jnp.asarray(lo, d)) for d in dts])
+        hi_r = max([hi] + [float(jnp.asarray(hi, d)) for d in dts])
+        if not (lo_r <= v <= hi_r):
             raise ValueError(
                 f"time_grid: {name}={v} is outside the schedule's range "
                 f"[{schedule.t_min}, {schedule.t_max}]."
@@ -154,7 +178,22 @@ def time_grid(
                 f"t_end={float(check[-1]):g}. Use dtype=jnp.float32 (the solver's state may "
                 f"still be low precision) or fewer steps."
             )
+        if not _concrete_schedule(schedule):
+            return ts
+        with jax.ensure_compile_time_eval():
+            lam = np.asarray(schedule.log_snr(ts[jnp.asarray([0, -1])]), np.float64)
+        if not np.all(np.isfinite(lam)):
+            raise ValueError(
+                f"time_grid: in {out_dtype} the grid's end points round to "
+                f"{[float(check[0]), float(check[-1])]}, where {type(schedule).__name__}'s "
+                f"log-SNR is not finite (alpha or sigma vanishes); use dtype=jnp.float32 (the "
+                f"solver's state may still be low precision)."
+            )
     return ts
+
+
+def _concrete_schedule(schedule) -> bool:
+    return not any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(schedule))
 
 
 def _concrete(v):
@@ -173,13 +212,30 @@ def diffusers_timesteps(
     convention: str = "ddim",
 ) -> np.ndarray:
     """diffusers' integer timesteps (descending, length n) of ``set_timesteps(n)`` for
-    ``timestep_spacing=spacing``: ``convention="ddim"`` as ``DDIMScheduler`` (and DDPM, PNDM,
-    Euler), ``"dpmsolver"`` as ``DPMSolverMultistepScheduler`` (and UniPC, DEIS)."""
-    big_n = int(num_train_timesteps)
-    if convention not in _CONVENTIONS:
+    ``timestep_spacing=spacing`` (``"leading"``, ``"trailing"`` or ``"linspace"``):
+    ``convention="ddim"`` as ``DDIMScheduler`` (and DDPM, PNDM, Euler), ``"dpmsolver"`` as
+    ``DPMSolverMultistepScheduler`` (and UniPC, DEIS). ``steps_offset`` (an int >= 0) is
+    added to the ``"leading"`` timesteps and, as in diffusers, ignored by the others.
+
+    **Example:**
+
+    ```python
+    >>> import jadeis
+    >>> jadeis.diffusers_timesteps(1000, 4, "trailing").tolist()
+    [999, 749, 499, 249]
+
+    ```
+    """
+    where = "diffusers_timesteps"
+    big_n = _check_count(num_train_timesteps, "num_train_timesteps", where, 2)
+    n = _check_count(n, "n", where, 1)
+    if spacing not in _DIFFUSERS_SPACINGS:
         raise ValueError(
-            f"time_grid: convention must be one of {_CONVENTIONS}, got {convention!r}."
+            f"{where}: spacing must be one of diffusers' timestep spacings "
+            f"{_DIFFUSERS_SPACINGS}, got spacing={spacing!r}."
         )
+    _check_convention(convention, where)
+    steps_offset = _check_steps_offset(steps_offset, where)
     if spacing == "trailing":
         k = np.round(np.arange(big_n, 0, -big_n / n)) - 1
     elif convention == "ddim":
@@ -199,6 +255,33 @@ def diffusers_timesteps(
             f"another spacing."
         )
     return k
+
+
+def _check_convention(convention, where: str):
+    if not isinstance(convention, str) or convention not in _CONVENTIONS:
+        raise ValueError(
+            f"{where}: convention must be one of {_CONVENTIONS} (whose set_timesteps the "
+            f"diffusers spacings follow), got convention={convention!r}."
+        )
+
+
+def _check_steps_offset(steps_offset, where: str) -> int:
+    if isinstance(steps_offset, np.integer) and not isinstance(steps_offset, np.bool_):
+        steps_offset = int(steps_offset)
+    if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
+        raise ValueError(
+            f"{where}: steps_offset must be an int >= 0 (diffusers' steps_offset, added to the "
+            f"integer timesteps), got steps_offset={steps_offset!r}."
+        )
+    return steps_offset
+
+
+def _check_count(value, name: str, where: str, lo: int) -> int:
+    if isinstance(value, np.integer) and not isinstance(value, np.bool_):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{where}: {name} must be an int >= {lo}, got {name}={value!r}.")
+    return value
 
 
 def _diffusers_grid(schedule, n, spacing, t_start, t_end, dtype, final, steps_offset,

@@ -337,7 +337,9 @@ def _initial_grid(schedule, n, init, t_start, t_end, dtype):
         raise ValueError(f"{where}: init has {ts.shape[0]} times, which is not n + 1 = {n + 1}.")
     if not np.all(np.diff(ts) < 0):
         raise ValueError(f"{where}: init must be strictly decreasing, got {ts}.")
-    lo, hi = float(schedule.t_min), float(schedule.t_max)
+    from ._validate import schedule_range
+
+    lo, hi = schedule_range(schedule, ts.dtype)
     if ts.min() < lo or ts.max() > hi:
         raise ValueError(
             f"{where}: init has times outside the schedule's range [t_min, t_max] = [{lo}, {hi}]."

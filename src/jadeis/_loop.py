@@ -25,7 +25,6 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array
 
-from . import _validate as V
 from ._conditioning import z_at
 from ._controller import AbstractAdaptiveController
 from ._core import Args, Problem, bind_model, draw_noise, is_array, state_dtype
@@ -79,6 +78,68 @@ class LoopResult(NamedTuple):
     saved: Any  # per accepted step: None, the sample or the solver state at its start
     grid: Grid
     stats: Stats
+    checkpoints: Any = None  # Checkpointed: exact states kept for a reversible solver
+    failed: Any = None  # adaptive: a bool, the end was not reached (else None)
+
+
+class Checkpoints(NamedTuple):
+    """Where a reversible solver's backward pass keeps exact states (static): at most
+    ``size`` of them, each where the inverse's amplification accumulated since the last
+    exact state (``solver.inverse_log_amplification`` per step, in nats) would exceed
+    ``budget`` (docs/math/reversible.md#conditioning)."""
+
+    size: int
+    budget: float
+
+
+class Checkpointed(NamedTuple):
+    """The states kept by a run with :class:`Checkpoints`: ``states[j]`` is the solver state
+    at the start of step ``index[j]`` (``count`` of them, in increasing step order)."""
+
+    states: Any
+    index: Array
+    count: Array
+
+
+def _checkpoint_init(spec: Checkpoints, state0):
+    return {
+        "states": _buffer(spec.size, state0),
+        "index": jnp.full((spec.size,), -1, jnp.int32),
+        "count": jnp.zeros((), jnp.int32),
+        "cum": jnp.zeros((), jnp.float32),
+        "step": jnp.zeros((), jnp.int32),
+    }
+
+
+def _checkpoint_record(spec: Checkpoints, solver, ck, state, inp, accept, first_step: int):
+    """Update the checkpoint carry for an attempted step from ``state`` (kept if
+    ``accept``): the state at the start of step ``i`` is kept when the amplification of the
+    states rebuilt since the last exact one would exceed the budget with this step's."""
+    a = lax.stop_gradient(solver.inverse_log_amplification(inp)).astype(jnp.float32)
+    total = ck["cum"] + a
+    first = ck["step"] == 0  # the state at the first step is the run's start: exact
+    store = accept & ~first & (total > spec.budget) & (ck["count"] < spec.size)
+    j = jnp.minimum(ck["count"], spec.size - 1)
+    states = jax.tree.map(
+        lambda b, v: b.at[j].set(jnp.where(store, lax.stop_gradient(v), b[j])),
+        ck["states"],
+        state,
+    )
+    index = ck["index"].at[j].set(jnp.where(store, first_step + ck["step"], ck["index"][j]))
+    cum = jnp.where(first | store, jnp.zeros_like(total), total)
+    return {
+        "states": states,
+        "index": index,
+        "count": ck["count"] + store.astype(jnp.int32),
+        "cum": jnp.where(accept, cum, ck["cum"]),
+        "step": ck["step"] + accept.astype(jnp.int32),
+    }
+
+
+def _checkpointed(ck):
+    if ck is None:
+        return None
+    return Checkpointed(ck["states"], ck["index"], ck["count"])
 
 
 def is_adaptive(problem: Problem) -> bool:
@@ -144,6 +205,7 @@ def integrate(
     save: str | None = None,
     bounded: bool = False,
     rows=None,
+    checkpoints: Checkpoints | None = None,
 ) -> LoopResult:
     """Run the sampler from ``args.x_T`` (a solver state if ``problem.resume``).
 
@@ -151,11 +213,14 @@ def integrate(
     start of each step) or ``"state"`` (the solver state at the start of each step).
     ``rows``: the per-step inputs of a fixed grid, if already computed. ``bounded``: an
     adaptive loop that reverse-mode autodiff can differentiate (a scan of ``max_steps``
-    iterations).
+    iterations). ``checkpoints``: also keep a few exact states for a reversible solver's
+    backward pass (:class:`Checkpoints`; returned as ``LoopResult.checkpoints``).
     """
+    if checkpoints is not None and checkpoints.size == 0:
+        checkpoints = None
     if rows is None and is_adaptive(problem):
-        return _adaptive(problem, args, save, bounded)
-    return _fixed(problem, args, save, rows)
+        return _adaptive(problem, args, save, bounded, checkpoints)
+    return _fixed(problem, args, save, rows, checkpoints)
 
 
 def _uses_step_index(problem: Problem) -> bool:
@@ -163,7 +228,7 @@ def _uses_step_index(problem: Problem) -> bool:
     return problem.per_step_z or problem.solver.stochastic
 
 
-def _fixed(problem: Problem, args: Args, save, rows):
+def _fixed(problem: Problem, args: Args, save, rows, checkpoints=None):
     solver = problem.solver
     params, x_T, z, schedule, ts, noise = args
     state0 = problem.init(x_T)
@@ -172,27 +237,34 @@ def _fixed(problem: Problem, args: Args, save, rows):
         rows = fixed_rows(problem, schedule, ts, dtype)
         ts = step_grid(problem, schedule, ts)
     n = jax.tree.leaves(rows)[0].shape[0]
+    yes = jnp.ones((), bool)
 
-    def body(state, xs):
+    def body(carry, xs):
+        state, ck = carry
         i, inp = xs
         model = bind_model(problem, params, z_at(z, i, problem.per_step_z))
         x = solver.output(state)
         x = x.astype(dtype) if is_array(x) else jax.tree.map(lambda v: v.astype(dtype), x)
         xi = draw_noise(problem, noise, i, x)
         new, _ = solver.step(model, inp, state, xi)
-        return new, _saved_of(save, solver, state)
+        if ck is not None:
+            ck = _checkpoint_record(checkpoints, solver, ck, state, inp, yes, problem.first_step)
+        return (new, ck), _saved_of(save, solver, state)
 
     # the step index is scanned over only where a step uses it (per-step z, noise)
     steps = problem.first_step + jnp.arange(n) if _uses_step_index(problem) else None
-    final, saved = lax.scan(body, state0, (steps, rows))
+    ck0 = None if checkpoints is None else _checkpoint_init(checkpoints, state0)
+    (final, ck), saved = lax.scan(body, (state0, ck0), (steps, rows))
     count = jnp.asarray(n, jnp.int32)
     evals = count * solver.evals_per_step
     zero = jnp.zeros((), jnp.int32)
     stats = Stats(count, count, zero, evals, zero, zero)
-    return LoopResult(solver.output(final), final, saved, Grid(ts, n, rows), stats)
+    return LoopResult(
+        solver.output(final), final, saved, Grid(ts, n, rows), stats, _checkpointed(ck)
+    )
 
 
-def _adaptive(problem: Problem, args: Args, save, bounded: bool):
+def _adaptive(problem: Problem, args: Args, save, bounded: bool, checkpoints=None):
     solver = problem.solver
     ctrl = problem.controller
     params, x_T, z, schedule, ts, _ = args
@@ -244,6 +316,10 @@ def _adaptive(problem: Problem, args: Args, save, bounded: bool):
             out["eps0"] = first[0]
             out["cached"] = ~accept
             out["reused"] = c["reused"] + c["cached"].astype(jnp.int32)
+        if checkpoints is not None:
+            out["ck"] = _checkpoint_record(
+                checkpoints, solver, c["ck"], state, inp, accept, problem.first_step
+            )
         buf = c["ts_buf"]
         out["ts_buf"] = buf.at[n + 1].set(jnp.where(accept, t_next, buf[n + 1]))
         if save is not None:
@@ -278,6 +354,8 @@ def _adaptive(problem: Problem, args: Args, save, bounded: bool):
             jax.ShapeDtypeStruct((h + 2,), ts.dtype),
         )
         carry["rows"] = jax.tree.map(lambda v: jnp.zeros((M,) + v.shape, v.dtype), like)
+    if checkpoints is not None:
+        carry["ck"] = _checkpoint_init(checkpoints, state0)
     if reuse:
         x0 = solver.output(state0)
         carry["eps0"] = jax.tree.map(jnp.zeros_like, x0)
@@ -292,27 +370,25 @@ def _adaptive(problem: Problem, args: Args, save, bounded: bool):
         )
     else:
         c = lax.while_loop(running, body, carry)
-    x_0 = _budget_check(solver.output(c["state"]), c["done"], M)
+    x_0 = solver.output(c["state"])
     n_acc, n_try = c["n_acc"], c["n_try"]
     zero = jnp.zeros((), jnp.int32)
     evals = n_try * solver.evals_per_step - (c["reused"] if reuse else 0)
     stats = Stats(n_acc, n_try, n_try - n_acc, evals, zero, zero)
     rows = lax.stop_gradient(c["rows"]) if keep_rows else None
     grid = Grid(lax.stop_gradient(c["ts_buf"]), n_acc, rows)
-    return LoopResult(x_0, c["state"], c.get("saved"), grid, stats)
+    return LoopResult(
+        x_0, c["state"], c.get("saved"), grid, stats, _checkpointed(c.get("ck")), ~c["done"]
+    )
 
 
-def _budget_check(x_0, done, M):
-    return V.runtime_check(
-        x_0,
-        [
-            (
-                ~done,
-                f"sample: the adaptive controller did not reach ts[-1] within max_steps={M} "
-                f"attempts (or its step size collapsed); raise max_steps, loosen rtol/atol, or "
-                f"check the model for non-finite outputs.",
-            )
-        ],
+def budget_message(problem: Problem, where: str) -> str:
+    """The error of an adaptive run that did not reach its end (``LoopResult.failed``)."""
+    m = problem.controller.max_steps
+    return (
+        f"{where}: the adaptive controller did not reach ts[-1] within max_steps={m} attempts "
+        f"(or its step size collapsed); raise max_steps, loosen rtol/atol, or check the model "
+        f"for non-finite outputs."
     )
 
 

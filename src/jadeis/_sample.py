@@ -22,7 +22,7 @@ from ._adjoint.base import Out
 from ._conditioning import ConditioningFn
 from ._controller import AbstractAdaptiveController, AbstractController, Adaptive, FixedGrid
 from ._core import Args, Problem, split_params
-from ._loop import Stats
+from ._loop import Stats, budget_message
 from ._schedule import AbstractSchedule
 from ._solver import AbstractSolver, DPMSolverPP, RexLatent, SDEDPMSolver
 from ._trajectory_check import check_trajectory as check_trajectory_of
@@ -72,18 +72,21 @@ def prepare(
     if adjoint is not None:
         V.check_adjoint(adjoint, where)
     ts = V.check_ts(ts, schedule, where)
+    V.check_final_zero(ts, solver, where)
     controller.check(solver, ts, schedule, where)
     adaptive = isinstance(controller, AbstractAdaptiveController)
     n = ts.shape[0] - 1
-    x_T = V.check_x_T(x_T, solver, n, where, adaptive=adaptive)
+    x_T = V.check_x_T(x_T, solver, n, where, adaptive=adaptive, ts=ts)
     x_arr = x_T.x if isinstance(x_T, RexLatent) else x_T
     z, per_step, _ = V.prepare_z(z, ts, where, adaptive=adaptive)
     noise_mode, noise_arg = V.prepare_noise(solver, key, noise, n, x_arr, where)
     dynamic, static = split_params(params)
     problem = Problem(eps_fn, solver, controller, per_step, noise_mode, save_trajectory, static)
+    args = Args(dynamic, x_T, z, schedule, ts, noise_arg)
     if adjoint is not None:
         adjoint.check(problem, n)
-    return problem, Args(dynamic, x_T, z, schedule, ts, noise_arg), adjoint
+        adjoint = adjoint.bind(problem, args)
+    return problem, args, adjoint
 
 
 class Solution(NamedTuple):
@@ -195,6 +198,7 @@ def sample(
 
     ```
     """
+    V.check_adjoint(adjoint, "sample")
     if return_trajectory:
         warnings.warn(
             "sample(..., return_trajectory=True) is deprecated: use "
@@ -272,6 +276,7 @@ def sample_trajectory(
 
     ```
     """
+    V.check_adjoint(adjoint, "sample_trajectory")
     problem, args, adjoint = prepare(
         "sample_trajectory",
         eps_fn,
@@ -328,6 +333,7 @@ def solve(
 
     ```
     """
+    V.check_adjoint(adjoint, "solve")
     problem, args, adjoint = prepare(
         "solve",
         eps_fn,
@@ -354,10 +360,28 @@ def run(
     check_finite: bool = False,
     where: str = "sample",
 ) -> Out:
-    """Run a prepared problem (compiled once per configuration and shapes)."""
-    return _run(
+    """Run a prepared problem (compiled once per configuration and shapes).
+
+    What can only fail at run time (an adaptive run that does not reach its end, non-finite
+    values with ``check_finite``) comes back as flags with the result, as diffrax's result
+    codes: an eager call (also under ``jax.grad``) raises the ``ValueError`` here, in
+    Python, with nothing of JAX's around it; under ``jit``/``vmap`` the flags are checked
+    in the compiled program (:func:`jadeis._validate.report`)."""
+    out, flags = _run(
         problem, args, adjoint, check_finite, V.checked_eagerly(args.ts, args.schedule), where
     )
+    messages = {
+        "x_T": f"{where}: x_T has non-finite values (NaN or inf).",
+        "failed": budget_message(problem, where) if out.failed is not None else "",
+        "x_0": f"{where}: sampling produced non-finite values; check eps_fn and the time grid "
+        f"(t near a schedule end point where alpha or sigma vanish).",
+    }
+    flags = {**flags, "failed": out.failed}
+    return out._replace(x_0=V.report(out.x_0, flags, messages))
+
+
+def _all_finite(tree):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(tree)]))
 
 
 @eqx.filter_jit
@@ -369,22 +393,15 @@ def _run(problem: Problem, args: Args, adjoint, check_finite: bool, ts_checked: 
     )
     V.check_problem_model(problem, args, where)
     if not ts_checked:
-        args = args._replace(ts=V.check_ts_traced(args.ts, args.schedule, where))
-    if check_finite:
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(args.x_T)]))
         args = args._replace(
-            x_T=eqx.error_if(args.x_T, ~finite, f"{where}: x_T has non-finite values (NaN or inf).")
+            ts=V.check_ts_traced(args.ts, args.schedule, where, problem.solver)
         )
     out = adjoint.run(problem, args)
+    flags = {}
     if check_finite:
-        x_0 = eqx.error_if(
-            out.x_0,
-            ~jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(out.x_0)])),
-            f"{where}: sampling produced non-finite values; check eps_fn and the time grid "
-            f"(t near a schedule end point where alpha or sigma vanish).",
-        )
-        out = out._replace(x_0=x_0)
-    return out
+        x_T = args.x_T.x if isinstance(args.x_T, RexLatent) else args.x_T
+        flags = {"x_T": ~_all_finite(x_T), "x_0": ~_all_finite(out.x_0)}
+    return out, flags
 
 
 class AdjointResult(NamedTuple):
@@ -492,6 +509,7 @@ def solve_adjoint(
             f"(the path cannot be reconstructed)."
         )
     ts = V.check_ts(ts, schedule, where)
+    V.check_final_zero(ts, solver, where)
     n = ts.shape[0] - 1
     if V.is_pytree_state(trajectory if trajectory is not None else x_0):
         trajectory, x_0, grad_x0, ref = _check_tree_inputs(trajectory, x_0, grad_x0, n, where)
@@ -583,5 +601,7 @@ def _solve(problem, args, adjoint, trajectory, x_0, grad_x0, ts_checked):
     ref = jax.tree.map(lambda v: v[-1], trajectory) if trajectory is not None else x_0
     V.check_problem_model(problem, args, "solve_adjoint", x=ref)
     if not ts_checked:
-        args = args._replace(ts=V.check_ts_traced(args.ts, args.schedule, "solve_adjoint"))
+        args = args._replace(
+            ts=V.check_ts_traced(args.ts, args.schedule, "solve_adjoint", problem.solver)
+        )
     return adjoint.solve(problem, args, trajectory, x_0, grad_x0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 
 import equinox as eqx
 import jax
@@ -21,6 +22,7 @@ from ._conditioning import ConditioningFn, PerStep
 from ._schedule import AbstractSchedule
 from ._solver import AbstractSolver, RexLatent
 from ._solver.base import AbstractReversibleSolver
+from ._solver.rex import grid_fingerprint
 
 
 def is_concrete(v) -> bool:
@@ -29,9 +31,12 @@ def is_concrete(v) -> bool:
 
 def check_schedule(schedule, where: str):
     if not isinstance(schedule, AbstractSchedule):
+        hint = ""
+        if isinstance(schedule, type) and issubclass(schedule, AbstractSchedule):
+            hint = f" (the class itself: pass an instance, {schedule.__name__}())"
         raise ValueError(
             f"{where}: schedule must be a jadeis schedule such as jadeis.VPLinear(), got "
-            f"{schedule!r}."
+            f"{schedule!r}{hint}."
         )
 
 
@@ -50,14 +55,21 @@ def check_adjoint(adjoint, where: str):
     from ._adjoint import AbstractAdjoint
 
     if not isinstance(adjoint, AbstractAdjoint):
+        hint = ""
+        if isinstance(adjoint, type) and issubclass(adjoint, AbstractAdjoint):
+            hint = f" (the class itself: pass an instance, {adjoint.__name__}())"
         raise ValueError(
             f"{where}: adjoint must be a gradient strategy such as jadeis.DiscreteAdjoint(), "
-            f"jadeis.AdjointDEIS(...) or jadeis.Backprop(), got {adjoint!r}."
+            f"jadeis.AdjointDEIS(...) or jadeis.Backprop(), got {adjoint!r}{hint}."
         )
 
 
 def check_ts(ts, schedule: AbstractSchedule, where: str):
-    """Shape and dtype of ``ts``; its values too when they are concrete."""
+    """Shape and dtype of ``ts``; its values too when they are concrete: finite, strictly
+    decreasing, inside the schedule's range compared in ``ts``'s own dtype (a float32 grid
+    from :func:`jadeis.time_grid` is accepted whichever way its end points round), and a
+    finite log-SNR at the end points (a final time of exactly 0 is the clean data,
+    ``final="zero"``)."""
     check_schedule(schedule, where)
     ts = jnp.asarray(ts)
     if ts.ndim != 1 or ts.shape[0] < 2:
@@ -76,14 +88,45 @@ def check_ts(ts, schedule: AbstractSchedule, where: str):
                 f"{where}: ts must be strictly decreasing (sampling runs from t_max down to "
                 f"t_min); build it with jadeis.time_grid(schedule, n)."
             )
-        lo, hi = float(schedule.t_min), float(schedule.t_max)
+        lo, hi = schedule_range(schedule, ts.dtype)
         # a last time of exactly 0 is the clean data (sigma = 0): time_grid(..., final="zero")
         if np.min(v[:-1]) < lo or (v[-1] < lo and v[-1] != 0.0) or v[0] > hi:
             raise ValueError(
                 f"{where}: ts has times outside the schedule's range [t_min, t_max] = "
-                f"[{lo}, {hi}] (got {v[-1]} .. {v[0]}); clip ts or build the schedule with a "
+                f"[{schedule.t_min}, {schedule.t_max}] (in ts's dtype {ts.dtype}: [{lo!r}, "
+                f"{hi!r}]; got {v[-1]!r} .. {v[0]!r}); clip ts or build the schedule with a "
                 f"wider range."
             )
+        check_log_snr_finite(schedule, ts, where)
+    return ts
+
+
+def schedule_range(schedule: AbstractSchedule, dtype) -> tuple[float, float]:
+    """The schedule's ``[t_min, t_max]`` rounded to ``dtype`` (the grid's), as floats: a grid
+    of that dtype built from the schedule's own end points (``time_grid``) lies inside it,
+    whichever way the end points round."""
+    dtype = jnp.dtype(dtype) if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
+    with jax.ensure_compile_time_eval():
+        lo = float(jnp.asarray(schedule.t_min, dtype))
+        hi = float(jnp.asarray(schedule.t_max, dtype))
+    return lo, hi
+
+
+def check_log_snr_finite(schedule: AbstractSchedule, ts, where: str):
+    """The schedule's log-SNR must be finite at the first and at the last nonzero time of a
+    concrete ``ts`` (a time rounded onto a schedule's singular end, e.g. RectifiedFlow's
+    t_max = 0.999 in bfloat16 is 1.0, where alpha = 0)."""
+    v = np.asarray(ts, np.float64)
+    ends = [0, v.shape[0] - (2 if v[-1] == 0.0 else 1)]
+    with jax.ensure_compile_time_eval():
+        lam = np.asarray(schedule.log_snr(jnp.asarray(ts)[jnp.asarray(ends)]), np.float64)
+    if not np.all(np.isfinite(lam)):
+        raise ValueError(
+            f"{where}: the schedule's log-SNR is not finite at ts = {v[ends].tolist()} (in ts's "
+            f"dtype {jnp.asarray(ts).dtype}): alpha or sigma vanishes there. Build ts in a "
+            f"wider dtype (jadeis.time_grid(..., dtype=jnp.float32)) or keep it inside the "
+            f"schedule's range."
+        )
     return ts
 
 
@@ -117,7 +160,45 @@ def _raise_if(flags, messages):
     flags = np.asarray(flags)
     for j, message in enumerate(messages):
         if np.any(flags[..., j]):
+            # JAX wraps an exception raised in a host callback in a JaxRuntimeError and logs
+            # "jax.debug.callback failed" with a stack first: log the sentence before that,
+            # so that it is the first thing a terminal shows (logging's last-resort handler
+            # prints it to stderr unless the application configures logging)
+            logging.getLogger("jadeis").error("%s", message)
             raise ValueError(message)
+
+
+def report(x, flags: dict, messages: dict):
+    """After a compiled run that returned ``flags`` (name -> bool array, or None): raise
+    ``ValueError(messages[name])`` for the first true flag, in the order of ``messages``,
+    right away when the flags are concrete (an eager call, also under ``jax.grad``: a plain
+    Python exception and traceback); under ``jit``/``vmap`` (traced flags) attach them to
+    ``x`` as run-time checks (:func:`runtime_check`). Returns ``x``."""
+    items = [(flags[k], m) for k, m in messages.items() if flags.get(k) is not None]
+    if not items:
+        return x
+    values = [concrete_value(f) for f, _ in items]
+    if all(v is not None for v in values):
+        for v, (_, message) in zip(values, items):
+            if bool(np.any(v)):
+                raise ValueError(message)
+        return x
+    return runtime_check(x, items)
+
+
+def concrete_value(x):
+    """``x`` as a NumPy value where it is known now: a concrete array, or a tracer of
+    differentiation (``jax.grad``/``jvp`` outside ``jit``: the outputs of a ``custom_vjp``
+    are such tracers, with concrete primals); ``None`` under ``jit``/``vmap``."""
+    if not isinstance(x, jax.core.Tracer):
+        return np.asarray(x)
+    try:  # no public API reads a differentiation tracer's primal; None if this moves
+        from jax._src import core as jax_core
+
+        value = jax_core.to_concrete_value(x)
+    except Exception:  # noqa: BLE001 - any failure means "not known now"
+        return None
+    return None if value is None else np.asarray(value)
 
 
 def runtime_check(x, conditions):
@@ -146,15 +227,33 @@ def _check_flags(x, preds, messages):
     return x
 
 
-def check_ts_traced(ts, schedule: AbstractSchedule, where: str):
-    """Checks of a traced ``ts`` under ``jit``, attached to ``ts`` (a small array)."""
+def check_final_zero(ts, solver, where: str):
+    """A concrete ``ts`` ending at t = 0 for a solver that cannot step there."""
+    if solver.steps_to_zero or not is_concrete(ts) or float(np.asarray(ts)[-1]) != 0.0:
+        return
+    raise ValueError(zero_end_message(solver, where))
+
+
+def zero_end_message(solver, where: str) -> str:
+    return (
+        f"{where}: ts ends at t = 0 (time_grid(..., final='zero')), where "
+        f"{type(solver).__name__} cannot step: {solver.zero_end_reason}. End the grid at the "
+        f"schedule's t_min (final=None), or use another solver such as "
+        f"jadeis.DPMSolverPP() for a grid ending at 0."
+    )
+
+
+def check_ts_traced(ts, schedule: AbstractSchedule, where: str, solver=None):
+    """Checks of a traced ``ts`` under ``jit``, attached to ``ts`` (a small array); a final
+    0 is refused for a ``solver`` that cannot step to it."""
     if is_concrete(ts):
         return ts
     lo = jnp.asarray(schedule.t_min, ts.dtype)
     hi = jnp.asarray(schedule.t_max, ts.dtype)
     n = ts.shape[0]
     last = jax.lax.broadcasted_iota(jnp.int32, (n,), 0) == n - 1
-    below = (ts < lo) & ~(last & (ts == 0))  # a final 0 is allowed
+    zero_ok = solver is None or solver.steps_to_zero
+    below = (ts < lo) & ~(last & (ts == 0) & zero_ok)  # a final 0 is allowed
     # entry i compares ts[i] with ts[i - 1] (with +inf before ts[0]); a non-finite ts[0]
     # is reported as non-finite, the first message
     prev = jnp.concatenate([jnp.full((1,), jnp.inf, ts.dtype), ts[:-1]])
@@ -167,8 +266,12 @@ def check_ts_traced(ts, schedule: AbstractSchedule, where: str):
             f"{where}: ts has non-finite values (NaN or inf).",
             f"{where}: ts must be strictly decreasing (sampling runs from t_max down to "
             f"t_min); use jadeis.time_grid(schedule, n).",
-            f"{where}: ts has times outside the schedule's range [t_min, t_max]; clip ts or "
-            f"build the schedule with a wider range.",
+            f"{where}: ts has times outside the schedule's range [t_min, t_max]"
+            + (
+                "; clip ts or build the schedule with a wider range."
+                if zero_ok
+                else f", or ends at 0: {zero_end_message(solver, where)}"
+            ),
         ),
     )
 
@@ -219,9 +322,9 @@ def shapes_of(x):
     return jax.tree.map(lambda v: v.shape, x)
 
 
-def check_x_T(x_T, solver, n: int, where: str, adaptive: bool = False):
+def check_x_T(x_T, solver, n: int, where: str, adaptive: bool = False, ts=None):
     """``x_T``: a floating-point array, or a :class:`RexLatent` for the solver and grid
-    length that made it."""
+    that made it (its length; its times too where both grids are concrete)."""
     if isinstance(x_T, RexLatent):
         if adaptive:
             raise ValueError(
@@ -239,6 +342,13 @@ def check_x_T(x_T, solver, n: int, where: str, adaptive: bool = False):
                 f"{where}: x_T is a RexLatent encoded on a grid of {x_T.num_steps} steps, but "
                 f"ts has {n} steps; decode it on the grid it was encoded on."
             )
+        fingerprint = None if ts is None else grid_fingerprint(ts)
+        if x_T.grid is not None and fingerprint is not None and fingerprint != x_T.grid:
+            raise ValueError(
+                f"{where}: x_T is a RexLatent encoded on another grid ({x_T.grid}) than ts "
+                f"({fingerprint}); it decodes to its image only on the grid it was encoded on "
+                f"(same times, same dtype): pass that ts."
+            )
         x = check_state(x_T.x, "x_T.x", where)
         xh = check_state(x_T.xh, "x_T.xh", where)
         if x.shape != xh.shape or x.dtype != xh.dtype:
@@ -246,7 +356,7 @@ def check_x_T(x_T, solver, n: int, where: str, adaptive: bool = False):
                 f"{where}: the RexLatent's x and xh differ in shape or dtype: "
                 f"{x.shape} {x.dtype} vs {xh.shape} {xh.dtype}."
             )
-        return RexLatent(x, xh, x_T.num_steps, x_T.solver)
+        return RexLatent(x, xh, x_T.num_steps, x_T.solver, x_T.grid)
     x_T = check_state(x_T, "x_T", where)
     check_pytree_solver(x_T, solver, "x_T", where)
     return x_T
@@ -278,12 +388,27 @@ def check_model(eps_fn, params, x, t, z, where: str):
         or out.shape != x.shape
         or not jnp.issubdtype(out.dtype, jnp.floating)
     ):
-        got = f"shape {getattr(out, 'shape', None)}, dtype {getattr(out, 'dtype', type(out))}"
+        got = _describe_output(out)
         raise ValueError(
             f"{where}: eps_fn must return a floating-point array of the shape of x "
             f"({x.shape}; any floating dtype, cast to x's {x.dtype}); it returned {got}. "
             f"Reshape the model output or cast it to a floating dtype."
         )
+
+
+def _describe_output(out) -> str:
+    """What a model returned, for a message: an array's shape and dtype, else its kind."""
+    if hasattr(out, "shape") and hasattr(out, "dtype"):
+        return f"shape {out.shape}, dtype {out.dtype}"
+    if out is None:
+        return "None (no return statement?)"
+    if isinstance(out, (tuple, list, dict)):
+        kind = type(out).__name__
+        return (
+            f"a {kind} of {len(out)} entries (return only the noise prediction, e.g. "
+            f"out[0], or one array)"
+        )
+    return f"a {type(out).__name__}"
 
 
 def _check_model_tree(eps_fn, params, x, t, z, where: str):

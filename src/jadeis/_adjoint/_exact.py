@@ -87,6 +87,10 @@ def pad_steps(per_step, first: int):
     )
 
 
+def _select(pred, a, b):
+    return jax.tree.map(lambda u, v: jnp.where(pred, u, v), a, b)
+
+
 def step_vjp(problem: Problem, params, z, i, inp, state, xi, sbar, want: Wanted):
     """The VJP of step ``i`` at ``state``: ``(state, params, z_i, inputs, noise)``
     cotangents, ``None`` for those not wanted."""
@@ -117,11 +121,14 @@ def exact_backward(
     *,
     states=None,
     final=None,
+    checkpoints=None,
 ):
     """The exact discrete adjoint: the reverse sweep of step VJPs over the accepted steps.
 
     ``states``: the solver states at the start of every step (a buffer); or ``final``: the
-    final state, from which the solver's ``inverse_step`` rebuilds each state."""
+    final state, from which the solver's ``inverse_step`` rebuilds each state, except at the
+    run's first step (its start, ``init(x_T)``) and at the steps kept in ``checkpoints``
+    (a :class:`jadeis._loop.Checkpointed`), whose exact states replace the rebuilt ones."""
     solver = problem.solver
     params, x_T, z, schedule, ts, noise = args
     dtype = state_dtype(x_T)
@@ -134,13 +141,23 @@ def exact_backward(
     _, out_vjp = jax.vjp(solver.output, like)
     (sbar0,) = out_vjp(final_bar(x0_bar, on_x0, dtype))
 
+    start = problem.init(x_T) if states is None else None
+
     def body(carry, i, inp, xs_i):
-        state_next, sbar, pbar, zbar = carry
+        rebuilt, sbar, pbar, zbar = carry
         state_i, tb_i = xs_i
         if states is None:
+            state_next, j = rebuilt
             model = bind_model(problem, params, z_at(z, i, per_step))
             xi = draw_noise(problem, noise, i, solver.output(state_next))
             state_i = solver.inverse_step(model, inp, state_next, xi)
+            if checkpoints is not None:
+                k = jnp.maximum(j, 0)
+                hit = (j >= 0) & (checkpoints.index[k] == jnp.asarray(i).astype(jnp.int32))
+                kept = jax.tree.map(lambda b: b[k], checkpoints.states)
+                state_i = _select(hit, kept, state_i)
+                j = j - hit.astype(j.dtype)
+            state_i = _select(i == problem.first_step, start, state_i)
         else:
             xi = draw_noise(problem, noise, i, solver.output(state_i))
         st_bar, gp, gz, ip_bar, xi_bar = step_vjp(
@@ -157,11 +174,15 @@ def exact_backward(
                 ys_z = gz
             else:
                 zbar = _tree.add(zbar, gz)
-        return (state_i if states is None else None, st_bar, pbar, zbar), (ys_z, xi_bar, ip_bar)
+        nxt = (state_i, j) if states is None else None
+        return (nxt, st_bar, pbar, zbar), (ys_z, xi_bar, ip_bar)
 
     zbar0 = _tree.zeros_like(z) if (want.z and not per_step) else None
     pbar0 = _tree.zeros_like(params) if want.params else None
-    carry0 = (final if states is None else None, sbar0, pbar0, zbar0)
+    j0 = None
+    if states is None:
+        j0 = jnp.asarray(-1, jnp.int32) if checkpoints is None else checkpoints.count - 1
+    carry0 = ((final, j0) if states is None else None, sbar0, pbar0, zbar0)
     (_, sbar, pbar, zbar), ys = sweep(
         problem, schedule, grid, body, carry0, (states, tb), dtype=dtype, rows=rows
     )

@@ -32,12 +32,14 @@ from .._loop import Grid, LoopResult, Stats, integrate, trajectory
 
 
 class Out(NamedTuple):
-    """What a run returns: ``x_0``, the trajectory (or None), the accepted times, stats."""
+    """What a run returns: ``x_0``, the trajectory (or None), the accepted times, stats, and
+    whether an adaptive run failed to reach its end (a bool; ``None`` on a fixed grid)."""
 
     x_0: Any
     trajectory: Any
     ts: Any
     stats: Stats
+    failed: Any = None
 
 
 class AbstractAdjoint(eqx.Module):
@@ -45,6 +47,12 @@ class AbstractAdjoint(eqx.Module):
 
     def check(self, problem: Problem, num_steps: int) -> None:
         """Static validation against the sampler, controller and grid (``ValueError``)."""
+
+    def bind(self, problem: Problem, args: Args) -> AbstractAdjoint:
+        """This strategy with whatever it fixes from the run's arguments before compiling
+        (e.g. :class:`jadeis.ReversibleAdjoint`'s number of exact states, from a concrete
+        ``ts``); called once by every entry point. Default: itself."""
+        return self
 
     def run(self, problem: Problem, args: Args) -> Out:
         """Sample with this strategy's gradient."""
@@ -86,7 +94,7 @@ def finish(adjoint: AbstractAdjoint, problem: Problem, res: LoopResult, xs=None)
     stats = res.stats._replace(
         grad_model_evals=jnp.asarray(evals, jnp.int32), grad_vjps=jnp.asarray(vjps, jnp.int32)
     )
-    return Out(res.x_0, traj, res.grid.ts, stats)
+    return Out(res.x_0, traj, res.grid.ts, stats, res.failed)
 
 
 def plain_forward(
@@ -175,7 +183,7 @@ def _zeros_for(v):
 
 
 def _run_bwd(adjoint, problem, res, ct):
-    x0_ct, traj_ct, ts_ct, _ = ct
+    x0_ct, traj_ct, ts_ct = ct[:3]
     if not all(_is_zero(v) for v in jax.tree.leaves(ts_ct, is_leaf=_is_zero)):
         raise ValueError(
             "The accepted times of a run (Solution.ts) are chosen by the step-size controller "

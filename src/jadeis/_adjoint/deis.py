@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +24,7 @@ from .._ei import (
 )
 from .._grid import time_grid
 from .._loop import Grid, integrate, is_adaptive, loop_rows, split_trajectory_bar
-from .._solver.base import AbstractLinearMultistepSolver, check_choice, check_int
+from .._solver.base import AbstractLinearMultistepSolver, as_int, check_choice, check_int
 from .._solver.dpm_solver import DPMSolver
 from . import _tree
 from .base import AbstractAdjoint, Wanted, adaptive_grid_error, finish, grid_error
@@ -73,8 +74,8 @@ class AdjointDEIS(AbstractAdjoint):
     ```
     """
 
-    order: int = 2
-    steps: int | None = None
+    order: int = eqx.field(default=2, converter=as_int)
+    steps: int | None = eqx.field(default=None, converter=as_int)
     trajectory: str = "cached"
     warmup: str = "auto"
 

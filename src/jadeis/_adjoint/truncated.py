@@ -101,6 +101,9 @@ class Truncated(AbstractAdjoint):
             )
         self.adjoint.check(problem, num_steps)
 
+    def bind(self, problem: Problem, args: Args):
+        return Truncated(self.k, self.adjoint.bind(problem, args))
+
     def cost(self, problem, stats):
         k = jnp.minimum(self.k, stats.num_steps)
         return self.adjoint.cost(problem, stats._replace(num_steps=k, num_attempts=k))

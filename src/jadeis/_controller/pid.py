@@ -160,6 +160,7 @@ class PIDController(AbstractAdaptiveController):
                 f"so it has no error estimate; use order 2 or 3 (Rex: scheme='midpoint', 'rk3' "
                 f"or 'rk4')."
             )
+        solver.check_adaptive(where)
 
     # -- the loop's calls -----------------------------------------------------------------
 

@@ -9,7 +9,6 @@ identity or value), so it compiles once per configuration and shapes, across cal
 from __future__ import annotations
 
 import sys
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -30,8 +29,6 @@ from ._progress import IterationBar
 
 _WRT = ("x_T", "z", "params")
 _NOISE_MODES = ("frozen", "fresh")
-#: number of times the guidance step was traced, per configuration type (for tests)
-TRACES: Counter = Counter()
 
 
 class GuideResult(NamedTuple):
@@ -312,6 +309,13 @@ class Guidance(eqx.Module):
         )
 
     def _run(self, state: GuideState, loss_args):
+        if not isinstance(state, GuideState) or set(state.opt_vars) != set(self.wrt):
+            made = sorted(state.opt_vars) if isinstance(state, GuideState) else type(state)
+            raise ValueError(
+                f"guide: state must be a GuideState from this Guidance's init, which optimises "
+                f"wrt={self.wrt}; got one that optimises {made}. Call init(...) of this "
+                f"Guidance for a state."
+            )
         return _step(
             self,
             state.opt_vars,
@@ -424,7 +428,6 @@ def _to_host(v) -> np.ndarray:
 def _step(
     g: Guidance, opt_vars, opt_state, fixed, iteration, key, noise, loss_args, update, rest=None
 ):
-    TRACES[type(g).__name__] += 1
     R.note_trace(
         "guide",
         {

@@ -228,6 +228,9 @@ def sphere_projection(tree, per_example: bool = True):
     Gaussian noise concentrates (DOODL); use as ``guide(..., projection={"x_T":
     jadeis.sphere_projection})``.
 
+    A zero example has no direction: it is mapped to the constant vector with every element
+    1 (norm $\sqrt d$), so the result is always finite and on the sphere.
+
     **Example:**
 
     ```python
@@ -240,10 +243,15 @@ def sphere_projection(tree, per_example: bool = True):
     ```
     """
     sq, d = _per_example_sq_norm(tree, per_example)
-    scale = jnp.sqrt(d / sq)
+    zero = sq == 0
+    scale = jnp.sqrt(d / jnp.where(zero, jnp.ones_like(sq), sq))
 
     def f(v):
         s = scale.astype(v.dtype)
-        return v * (s.reshape((-1,) + (1,) * (v.ndim - 1)) if per_example else s)
+        z = zero
+        if per_example:
+            s = s.reshape((-1,) + (1,) * (v.ndim - 1))
+            z = z.reshape(s.shape)
+        return jnp.where(z, jnp.ones_like(v), v * s)
 
     return jax.tree.map(f, tree)

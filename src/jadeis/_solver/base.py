@@ -122,6 +122,10 @@ class AbstractSolver(eqx.Module):
     #: the step's first model evaluation is at the state's own sample and the step's start
     #: time (``model(output(state), inp.t)``): an adaptive loop reuses it after a rejection
     first_evaluation_at_state: ClassVar[bool] = False
+    #: a step may end at t = 0 (sigma = 0, ``time_grid(..., final="zero")``), taken in its
+    #: first-order limit x_0 = D(x, s); solvers that cannot say why in ``zero_end_reason``
+    steps_to_zero: ClassVar[bool] = True
+    zero_end_reason: ClassVar[str] = ""
 
     def __check_init__(self):
         name = type(self).__name__
@@ -255,6 +259,10 @@ class AbstractAdaptiveSolver(AbstractSolver):
     def error_order(self) -> int | None:
         """The order of the local error estimate, or ``None`` if there is none."""
 
+    def check_adaptive(self, where: str) -> None:
+        """Raise ``ValueError`` for a configuration that has an error estimate but cannot
+        take adaptive steps to its tolerance (with the reason)."""
+
 
 class AbstractReversibleSolver(AbstractSolver):
     """A solver with an algebraic inverse: ``inverse_step`` maps the state after a step back
@@ -267,8 +275,25 @@ class AbstractReversibleSolver(AbstractSolver):
         """The state at ``ts[i]`` from the state at ``ts[i+1]``."""
 
     @abc.abstractmethod
-    def latent(self, state, num_steps: int) -> Any:
-        """The object that stands for ``state`` at ``ts[0]`` as an ``x_T`` (exact encoding)."""
+    def latent(self, state, num_steps: int, grid: str | None = None) -> Any:
+        """The object that stands for ``state`` at ``ts[0]`` as an ``x_T`` (exact encoding);
+        ``grid``: a fingerprint of the grid it was encoded on (or ``None``)."""
+
+    @abc.abstractmethod
+    def inverse_log_amplification(self, inp) -> Array:
+        """Per step (row ``inp``): the log of the worst-case factor by which
+        ``inverse_step`` amplifies an error in ``state_next``, relative to the state it
+        returns. :class:`jadeis.ReversibleAdjoint` keeps an exact state wherever the
+        amplification accumulated since the last one would exceed its budget."""
+
+    def log_amplification_bound(self, schedule, ts, num_steps: int) -> float | None:
+        """An upper bound of the summed :meth:`inverse_log_amplification` of a run of at most
+        ``num_steps`` steps on ``ts`` (``None``: unknown, e.g. under ``jit``)."""
+        return None
+
+    def check_inversion(self, num_steps: int, dtype, where: str) -> None:
+        """Raise ``ValueError`` where exact inversion over ``num_steps`` steps in ``dtype``
+        is too ill-conditioned to return the stated accuracy."""
 
 
 class StepCoefficients(NamedTuple):

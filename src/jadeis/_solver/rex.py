@@ -22,10 +22,14 @@ SDE, data          rho = gamma^2        sigma^2/alpha    D, plus dW_rho
 
 from __future__ import annotations
 
+import hashlib
+import math
 from typing import ClassVar, NamedTuple
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array
 
 from .._ei import grid_values, model_time_dtype
@@ -62,29 +66,51 @@ class RexStages(NamedTuple):
 
 
 class RexInputs(NamedTuple):
-    """Row n: the Lawson step h = tau_{n+1} - tau_n, the factors L_n, L_{n+1}, and the stages
-    of the forward increment Psi_h(tau_n, .) and of the backward one Psi_{-h}(tau_{n+1}, .)."""
+    """Row n: the Lawson step h = tau_{n+1} - tau_n, the factors L_n, L_{n+1}, the stages
+    of the forward increment Psi_h(tau_n, .) and of the backward one Psi_{-h}(tau_{n+1}, .),
+    and ``growth = log(tau_{n+1} / tau_n)`` (what conditions the inverse;
+    docs/math/reversible.md#conditioning)."""
 
     h: Array
     L0: Array
     L1: Array
     fwd: RexStages
     bwd: RexStages
+    growth: Array | None = None
+
+
+def grid_fingerprint(ts) -> str | None:
+    """A short digest of a concrete grid's times (dtype and values), recorded in a
+    :class:`RexLatent` so that decoding it on another grid is an error; ``None`` for a
+    traced grid (under ``jit``, where it cannot be read)."""
+    if isinstance(ts, jax.core.Tracer):
+        return None
+    v = np.asarray(ts)
+    digest = hashlib.sha256(str(v.dtype).encode() + np.ascontiguousarray(v).tobytes())
+    return f"{v.shape[0] - 1} steps, t {float(v[0]):.6g} .. {float(v[-1]):.6g}, " \
+        f"sha256 {digest.hexdigest()[:16]}"
 
 
 class RexLatent(eqx.Module):
     """The exact latent of a Rex solver: both coupled states at ``ts[0]``.
 
     Returned by :func:`jadeis.encode_ode` (and :func:`jadeis.encode_sde`) with a Rex solver;
-    pass it as ``x_T`` to :func:`jadeis.sample` with the same solver and a grid of the same
-    length to get ``x_0`` back (up to rounding). A pytree: differentiable, vmappable.
-    ``num_steps`` and ``solver`` are recorded (static) so that a mismatch is an error.
+    pass it as ``x_T`` to :func:`jadeis.sample` with the same solver on the same grid to get
+    ``x_0`` back (up to rounding). A pytree: differentiable, vmappable.
+
+    Recorded (static), so that a mismatch is an error before anything runs: ``num_steps``,
+    ``solver`` and ``grid``, a fingerprint of the grid's times (their dtype and values, see
+    :func:`grid_fingerprint`). The fingerprint is taken when the encoding grid is concrete
+    and compared when the decoding grid is concrete; under ``jit`` (a traced ``ts`` at
+    either end) only the number of steps and the solver are checked. A latent built by hand
+    (``grid=None``, e.g. an interpolation of two latents) is not compared either.
     """
 
     x: Array
     xh: Array
     num_steps: int = eqx.field(static=True)
     solver: AbstractSolver = eqx.field(static=True)
+    grid: str | None = eqx.field(static=True, default=None)
 
     @property
     def shape(self):
@@ -99,8 +125,27 @@ class RexLatent(eqx.Module):
         return self.x.ndim
 
 
+def amplification_budget(dtype) -> float:
+    """The amplification of rounding (in nats) that exact inversion and the states rebuilt
+    by :class:`jadeis.ReversibleAdjoint` may accumulate: a quarter of the dtype's digits,
+    ``log(eps^-1/4)`` (``eps^-1/4`` = 8.2e3 in float64, 54 in float32), so that about three
+    quarters of them survive."""
+    return 0.25 * math.log(1.0 / float(jnp.finfo(dtype).eps))
+
+
+def log_amplification(growth, coupling):
+    """Per step: the log of the worst-case factor by which the inverse step amplifies an
+    error in the state it starts from, relative to the state it returns
+    (docs/math/reversible.md#conditioning): ``2 max(log(tau_{n+1}/tau_n), 0) + log(1/zeta)``
+    (the data forms' Lawson variable grows with tau where the data prediction is close to
+    linear in x, and the coupling's parasitic mode grows by 1/zeta)."""
+    return 2.0 * jnp.maximum(growth, 0.0) - math.log(coupling)
+
+
 def _check_coupling(owner, coupling):
-    ok = isinstance(coupling, (int, float)) and not isinstance(coupling, bool)
+    ok = isinstance(coupling, (int, float, np.integer, np.floating)) and not isinstance(
+        coupling, (bool, np.bool_)
+    )
     if ok:
         ok = 0.0 < float(coupling) <= 1.0
     if not ok:
@@ -115,6 +160,12 @@ class AbstractRex(AbstractReversibleSolver):
     """Shared machinery of :class:`Rex` and :class:`SDERex`."""
 
     max_order: ClassVar[int] = 4
+    steps_to_zero: ClassVar[bool] = False
+    zero_end_reason: ClassVar[str] = (
+        "its Lawson time (gamma = alpha / sigma, rho = gamma^2 for SDERex) is infinite at "
+        "sigma = 0, and a last step to the clean data, x_0 = D(x, t), has no algebraic "
+        "inverse, so the coupled step is not defined there"
+    )
     coupling: eqx.AbstractVar[float]
 
     @property
@@ -176,8 +227,54 @@ class AbstractRex(AbstractReversibleSolver):
             return jnp.asarray(v).astype(dtype)
 
         return RexInputs(
-            h=cast(h), L0=cast(L[:-1]), L1=cast(L[1:]), fwd=stages(1), bwd=stages(-1)
+            h=cast(h),
+            L0=cast(L[:-1]),
+            L1=cast(L[1:]),
+            fwd=stages(1),
+            bwd=stages(-1),
+            growth=cast(k * (lam[1:] - lam[:-1])),
         )
+
+    # --- conditioning of the inverse --------------------------------------------------
+    def inverse_log_amplification(self, inp: RexInputs):
+        return log_amplification(inp.growth, self.coupling)
+
+    def log_amplification_bound(self, schedule, ts, num_steps: int) -> float | None:
+        """An upper bound of the sum of :meth:`inverse_log_amplification` over a run of
+        ``num_steps`` steps (at most) from ``ts[0]`` to ``ts[-1]`` (the grid, or the two end
+        times of an adaptive run), or ``None`` where ``ts`` or the schedule is traced. On a
+        monotone grid the positive parts of ``log(tau_{n+1}/tau_n)`` sum to those of the end
+        points, whatever the steps in between."""
+        leaves = jax.tree.leaves((schedule, ts))
+        if any(isinstance(v, jax.core.Tracer) for v in leaves):
+            return None
+        with jax.ensure_compile_time_eval():
+            ends = jnp.asarray(ts)[jnp.asarray([0, -1])]
+            lam = np.asarray(schedule.log_snr(ends), np.float64)
+        growth = self._time_power() * (lam[1] - lam[0])
+        return float(2.0 * max(growth, 0.0) - num_steps * math.log(self.coupling))
+
+    def check_inversion(self, num_steps: int, dtype, where: str) -> None:
+        """Exact inversion (encoding) divides by the coupling at every step: refused where
+        ``zeta^-N`` exceeds ``eps^-1/4`` of the state's dtype, the budget of
+        :func:`amplification_budget` (docs/math/reversible.md#conditioning: beyond it the
+        latent carries a parasitic component of relative size ``eps zeta^-N`` and the round
+        trip loses digits; measured there)."""
+        growth = -num_steps * math.log(self.coupling)
+        limit = amplification_budget(dtype)
+        if growth > limit:
+            n_max = int(limit / -math.log(self.coupling)) if self.coupling < 1 else num_steps
+            z_min = math.exp(-limit / num_steps)
+            raise ValueError(
+                f"{where}: exact inversion with coupling={self.coupling} over {num_steps} steps "
+                f"amplifies rounding by coupling^-N = {math.exp(growth):.3g}, beyond "
+                f"{jnp.dtype(dtype).name}'s bound eps^-1/4 = {math.exp(limit):.3g} (the inverse "
+                f"divides by the coupling at every step; the round trip would lose digits). "
+                f"Use coupling >= {z_min:.4g} for {num_steps} steps, or at most {n_max} steps "
+                f"at this coupling (the default coupling {DEFAULT_COUPLING} is within the "
+                f"bound up to N = {int(limit / -math.log(DEFAULT_COUPLING))})."
+            )
+
 
     # --- state ----------------------------------------------------------------------
     def init(self, x_T):
@@ -185,8 +282,8 @@ class AbstractRex(AbstractReversibleSolver):
             return (x_T.x, x_T.xh)
         return (x_T, x_T)
 
-    def latent(self, state, num_steps: int) -> RexLatent:
-        return RexLatent(state[0], state[1], num_steps, self)
+    def latent(self, state, num_steps: int, grid: str | None = None) -> RexLatent:
+        return RexLatent(state[0], state[1], num_steps, self, grid)
 
     @property
     def evals_per_step(self) -> int:
@@ -212,14 +309,20 @@ class AbstractRex(AbstractReversibleSolver):
         x, xh = state
         z = self.coupling
         y, yh = x / inp.L0, xh / inp.L0
-        inc, err = self._increment(model, inp, yh, xi)
+        inc, err = self._increment(model, inp.fwd, inp.h, yh, xi, 1.0)
         y1 = z * y + (1.0 - z) * yh + inc
-        yh1 = yh - self.psi(model, inp.bwd, -inp.h, y1, xi, -1.0)
-        return (inp.L1 * y1, inp.L1 * yh1), (None if err is None else inp.L1 * err)
+        back, err_back = self._increment(model, inp.bwd, -inp.h, y1, xi, -1.0)
+        yh1 = yh - back
+        if err is not None:
+            # both increments of the coupled step carry a local error: the backward one
+            # enters yh, and through it the next step's y (docs/math/adaptive.md#embedded-estimates)
+            err = inp.L1 * (jnp.abs(err) + jnp.abs(err_back))
+        return (inp.L1 * y1, inp.L1 * yh1), err
 
-    def _increment(self, model, inp: RexInputs, yh, xi):
-        """The forward increment Psi_h(tau_n, yh_n) and its error estimate (or None)."""
-        return self.psi(model, inp.fwd, inp.h, yh, xi, 1.0), None
+    def _increment(self, model, stages: RexStages, h, y, xi, sign):
+        """The increment ``Psi_h`` of the base scheme at ``y`` and its error estimate (or
+        None)."""
+        return self.psi(model, stages, h, y, xi, sign), None
 
     def inverse_step(self, model, inp: RexInputs, state_next, xi):
         """The state at ``ts[i]`` from the state at ``ts[i+1]``: the algebraic inverse of
@@ -305,16 +408,28 @@ class Rex(AbstractRex, AbstractAdaptiveSolver):
             return None
         return 2 if self.scheme == "midpoint" else 3
 
-    def _increment(self, model, inp, yh, xi):
-        """The forward increment and its error estimate: the base scheme minus its embedded
+    def _increment(self, model, stages, h, y, xi, sign):
+        """An increment and its error estimate: the base scheme minus its embedded
         lower-order rule (Euler for midpoint, the midpoint rule for rk3/rk4), which share the
         stages."""
-        ks = self._stages(model, inp.fwd, inp.h, yh)
-        inc = self._combine(inp.h, ks)
+        ks = self._stages(model, stages, h, y)
+        inc = self._combine(h, ks)
         if self.scheme == "euler":
             return inc, None
-        low = inp.h * (ks[0] if self.scheme == "midpoint" else ks[1])
+        low = h * (ks[0] if self.scheme == "midpoint" else ks[1])
         return inc, inc - low
+
+    def check_adaptive(self, where: str) -> None:
+        if self.prediction == "noise":
+            raise ValueError(
+                f"{where}: Rex(prediction='noise') cannot take adaptive steps: in the noise "
+                f"form the solution x / alpha shrinks where the noise is high, and the "
+                f"coupling's parasitic mode grows relative to it by zeta (chi_n / chi_(n+1))^2 "
+                f"per step, which no local error estimate sees; the large steps an adaptive "
+                f"controller takes there let it grow (measured: 21 at rtol=atol=1e-3, 3e-2 at "
+                f"1e-5 on the Gaussian oracle). Use prediction='data' (the default), or a "
+                f"fixed grid."
+            )
 
     def _stages(self, model, stages, h, y):
         _, A, b = _TABLEAUS[self.scheme]

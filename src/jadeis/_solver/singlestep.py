@@ -115,6 +115,11 @@ class SinglestepDPMSolver(AbstractAdaptiveSolver):
         lam, la, ls = values.lam, values.log_alpha, values.log_sigma
         lam_s, la_s, ls_s = lam[:-1], la[:-1], ls[:-1]
         h = lam[1:] - lam_s
+        # a step to sigma_t = 0 (h = inf, time_grid(..., final="zero")) is taken in its
+        # first-order limit x_t = alpha_t D(x_s, s) (as the multistep solvers): its stages
+        # are evaluated at s and weighted by zero (no model call at t = 0, no inf * 0)
+        inf_h = jnp.isposinf(h)
+        h = jnp.where(inf_h, jnp.ones_like(h), h)
 
         def ratio(la_u, ls_u):
             return jnp.exp(la_u - la_s) if sign > 0 else jnp.exp(ls_u - ls_s)
@@ -127,22 +132,26 @@ class SinglestepDPMSolver(AbstractAdaptiveSolver):
         b_st = jnp.zeros_like(h)
         for j, r in enumerate(nodes):
             H = r * h
-            t_j = schedule.t_from_log_snr(lam_s + H)
+            t_j = jnp.where(inf_h, ts[:-1], schedule.t_from_log_snr(lam_s + H))
             la_j, ls_j = schedule.log_alpha(t_j), schedule.log_sigma(t_j)
             P = prefactor(la_j, ls_j)
             t_st.append(t_j)
             al_st.append(jnp.exp(la_j))
             si_st.append(jnp.exp(ls_j))
-            lin_st.append(ratio(la_j, ls_j))
+            lin_st.append(jnp.where(inf_h, 1.0, ratio(la_j, ls_j)))
             ph = phis(2 if j == 1 else 1, sign * H)
-            a_st.append(P * H * ph[0])
+            a_st.append(jnp.where(inf_h, 0.0, P * H * ph[0]))
             if j == 1:
-                b_st = P * H * ph[1] * (r / nodes[0])
-        P_t = prefactor(la[1:], ls[1:])
-        lin = ratio(la[1:], ls[1:])
+                b_st = jnp.where(inf_h, 0.0, P * H * ph[1] * (r / nodes[0]))
+        la_t, ls_t = la[1:], ls[1:]
+        P_t = prefactor(la_t, ls_t)
+        lin = ratio(la_t, ls_t)
         ph = phis(2, sign * h)
         A = P_t * h * ph[0]
-        phi2 = P_t * h * ph[1]
+        # the limit of A as h -> inf: alpha_t (data), -alpha_t sigma_s / alpha_s (noise)
+        limit = jnp.exp(la_t) if sign < 0 else -jnp.exp(la_t - la_s + ls_s)
+        A = jnp.where(inf_h, limit, A)
+        phi2 = jnp.where(inf_h, 0.0, P_t * h * ph[1])
         B = phi2 / nodes[-1] if k > 1 else jnp.zeros_like(h)
         # the order-2 comparison solution through the first stage, in the form of Lu et al.'s
         # reference implementation (its DPM-Solver-23 pair): A / (2 r_1) on (m_1 - m_s); its
