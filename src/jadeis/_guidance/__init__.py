@@ -15,3 +15,4 @@ from ._losses import (
     WeightedSum as WeightedSum,
     sphere_projection as sphere_projection,
 )
+from ._progress import IterationBar as IterationBar

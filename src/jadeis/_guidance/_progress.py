@@ -16,6 +16,22 @@ class IterationBar:
     iterations only (the first one, with the compilation, may take minutes with a U-Net).
     :func:`jadeis.guide` shows one; pass :meth:`callback` as ``guide(..., callback=...)``
     to drive one from a loop of your own.
+
+    **Arguments:** `total` (iterations), `desc` (the bar's label), `disable` (no output),
+    further keyword arguments go to `tqdm.tqdm`.
+
+    **Example:**
+
+    ```python
+    >>> import jadeis
+    >>> bar = jadeis.IterationBar(3, "my loop", disable=True)
+    >>> for loss in (1.0, 0.5, 0.25):
+    ...     bar.update(loss)
+    >>> bar.close()
+    >>> bar.first_seconds is not None
+    True
+
+    ```
     """
 
     def __init__(self, total: int, desc: str, *, disable: bool = False, **tqdm_kwargs):

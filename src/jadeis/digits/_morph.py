@@ -30,6 +30,7 @@ from jadeis import (
     DDIM,
     AdjointDEIS,
     DiscreteAdjoint,
+    IterationBar,
     ReversibleAdjoint,
     Rex,
     RexLatent,
@@ -44,7 +45,6 @@ from jadeis import (
     time_grid,
 )
 
-from .._guidance._progress import IterationBar
 from ._data import load_split
 from ._nets import NUM_CLASSES
 
