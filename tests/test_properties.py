@@ -327,6 +327,11 @@ def test_exact_strategies_equal_backprop(name, controller, data):
         assert np.all(np.isfinite(g)), case
         err = float(np.max(np.abs(g - w)) / (np.max(np.abs(w)) + 1e-30))
         tol = {"float64": 1e-8, "float32": 2e-3}[dtype]
+        if dtype == "float32" and controller == "pid":
+            # an adaptive float32 solve amplifies rounding more: DPMSolverPP(3) on
+            # RectifiedFlow (34 steps) measured 1.1e-3 to 2.5e-3 between the strategies
+            # depending on compilation, each 3% from the float64 solve (1e-11 apart there)
+            tol = 1e-2
         if model_dtype == "bfloat16":
             tol = 5e-2
         assert err < tol, (case, err)

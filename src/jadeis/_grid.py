@@ -116,8 +116,8 @@ def time_grid(
         dts = {jnp.result_type(float) if dtype is None else jnp.dtype(dtype)}
         if hasattr(raw, "dtype") and jnp.issubdtype(raw.dtype, jnp.floating):
             dts.add(jnp.dtype(raw.dtype))
-        lo_r = min([lo] + [float(jnp.asarray(lo, d)) for d in dts])
-        hi_r = max([hi] + [float(jnp.asarray(hi, d)) for d in dts])
+        lo_r = min([lo] + [float(np.asarray(lo).astype(d)) for d in dts])
+        hi_r = max([hi] + [float(np.asarray(hi).astype(d)) for d in dts])
         if not (lo_r <= v <= hi_r):
             raise ValueError(
                 f"time_grid: {name}={v} is outside the schedule's range "

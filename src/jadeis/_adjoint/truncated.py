@@ -102,7 +102,7 @@ class Truncated(AbstractAdjoint):
         self.adjoint.check(problem, num_steps)
 
     def bind(self, problem: Problem, args: Args):
-        return Truncated(self.k, self.adjoint.bind(problem, args))
+        return Truncated(self.k, self.adjoint.bind(problem, args), self.x_T_gradient)
 
     def cost(self, problem, stats):
         k = jnp.minimum(self.k, stats.num_steps)
