@@ -76,8 +76,14 @@ PID = jadeis.PIDController(rtol=1e-3, atol=1e-3, max_steps=256)
 PID_BF16 = jadeis.PIDController(rtol=3e-2, atol=3e-2, max_steps=256)
 
 
-def pid_for(model_dtype):
-    return PID_BF16 if model_dtype == "bfloat16" else PID
+#: sampling's eager run takes every adaptive step op by op: a looser tolerance, fewer steps
+PID_SAMPLING = jadeis.PIDController(rtol=1e-2, atol=1e-2, max_steps=256)
+
+
+def pid_for(model_dtype, sampling=False):
+    if model_dtype == "bfloat16":
+        return PID_BF16
+    return PID_SAMPLING if sampling else PID
 
 
 def is_reversible(solver) -> bool:
@@ -256,7 +262,8 @@ def test_sampling(name, solver, data):
         x, params, z = make_inputs(sch, dtype, model_dtype, case["state"])
         ts = grid(sch, case["n"], case["spacing"], case["controller"], dtype)
         kw = dict(schedule=sch, ts=ts, solver=solver,
-                  controller=pid_for(model_dtype) if case["controller"] == "pid" else None)
+                  controller=pid_for(model_dtype, sampling=True)
+                  if case["controller"] == "pid" else None)
         if solver.stochastic:
             kw["key"] = jax.random.key(7)
 
