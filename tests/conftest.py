@@ -80,7 +80,7 @@ def pytest_runtest_teardown(item, nextitem):
     Linux's vm.max_map_count (65,530), where the next mmap fails and the process dies with a
     segmentation fault (measured: 36,892 maps after tests/test_rex.py and
     tests/test_truncated.py in one process; 666 with this hook, and 10% faster)."""
-    if nextitem is None or nextitem.module is not item.module or _memory_maps() > 20_000:
+    if nextitem is None or nextitem.path != item.path or _memory_maps() > 20_000:
         jax.clear_caches()
         gc.collect()
 
