@@ -542,6 +542,27 @@ def all_methods() -> list[Method]:
                 grid_key=key,
             )
         )
+    # grids learned against the gradient error (benchmarks/grids.py --target gradient; so far
+    # the mixture only): learn_time_grid(target="gradient") fits the gradient of a guidance
+    # loss w.r.t. x_T, z and the parameters on other x_T and targets than the benchmark's
+    for label, solver, key in (
+        ("DPM++(3M)", jadeis.DPMSolverPP(order=3), "dpmpp3"),
+        ("UniPC(3)", jadeis.UniPC(order=3), "unipc3"),
+    ):
+        m = jadeis_method(
+            f"DiscreteAdjoint {label} grad-learned grid",
+            solver,
+            jadeis.DiscreteAdjoint(),
+            lambda n: (2 * n, n),
+            f"as DiscreteAdjoint {label}, on the grid learn_time_grid(target='gradient') "
+            f"fitted for this problem and N (benchmarks/grids/<problem>.json, key "
+            f"{key + '-grad'!r}; learned on other x_T and loss targets than the benchmark's)",
+            spacing="learned",
+            tags=("discrete", key, "grid", "grad-learned"),
+            grid_key=key + "-grad",
+        )
+        # its own forward timing (the x_0-learned grid has the same forward key otherwise)
+        ms.append(dataclasses.replace(m, forward_key=m.forward_key + " grad"))
     ms.append(
         jadeis_method(
             "Backprop DPM++(3M)",

@@ -33,7 +33,7 @@ def test_committed_grid_files_are_valid():
         assert data["problem"] == path.stem
         assert "settings" in data
         for key, by_n in data["grids"].items():
-            assert key in grids.SAMPLERS
+            assert key.removesuffix(grids.GRAD_SUFFIX) in grids.SAMPLERS
             for n, entry in by_n.items():
                 ts = entry["ts"]
                 assert len(ts) == int(n) + 1
@@ -48,8 +48,12 @@ def test_unipc_and_learned_methods():
         assert "redundant" not in m.tags
         assert m.counts(10) == (20, 10)
     learned = methods.select(ms, "learned")
-    assert {m.grid_key for m in learned} == {"dpmpp3", "unipc3"}
+    assert {m.grid_key for m in learned} == {"dpmpp3", "unipc3", "dpmpp3-grad", "unipc3-grad"}
     assert all(m.spacing == "learned" for m in learned)
+    grad = methods.select(ms, "grad-learned")
+    assert {m.grid_key for m in grad} == {"dpmpp3-grad", "unipc3-grad"}
+    # their forward timing is their own, not the x_0-learned grid's
+    assert not {m.forward_key for m in grad} & {m.forward_key for m in learned if m not in grad}
     assert methods.select(ms, "quick+unipc3")
     # the unet sweep has a jadeis, a diffrax and a scan method
     fams = {m.family for m in methods.select(ms, "unet")}
