@@ -56,6 +56,13 @@ SLOW = (
     "tests/test_adjoint_errors.py::test_every_solver_accepts_its_own_path[f32]",
     "tests/test_float32.py::test_every_time_grid_is_accepted_by_every_entry_point",
     "tests/test_reliability.py::test_ctrl_c_during_demo_exits_130_with_one_line",
+    # the property sweep's sampling and round trips (its gradient cells stay), and
+    # per-configuration equalities with Backprop beside the compatibility table's
+    "tests/test_properties.py::test_sampling",
+    "tests/test_properties.py::test_round_trip",
+    "tests/test_rex.py::test_reversible_adjoint_equals_backprop",
+    "tests/test_adaptive.py::test_adaptive_gradient_is_backprop_on_accepted_grid",
+    "tests/test_truncated.py::test_inner_strategies_agree_with_backprop",
 )
 
 
