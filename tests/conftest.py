@@ -81,13 +81,13 @@ def _memory_maps() -> int:
 
 
 def pytest_runtest_teardown(item, nextitem):
-    """Free compiled programs at the end of each test module (and whenever the process
-    holds more than 20,000 memory maps): every XLA:CPU executable maps its own code, and a
-    test process that keeps the ~500 modules' programs of its share of the suite reaches
-    Linux's vm.max_map_count (65,530), where the next mmap fails and the process dies with a
-    segmentation fault (measured: 36,892 maps after tests/test_rex.py and
-    tests/test_truncated.py in one process; 666 with this hook, and 10% faster)."""
-    if nextitem is None or nextitem.path != item.path or _memory_maps() > 20_000:
+    """Free compiled programs when the test process holds more than 30,000 memory maps:
+    every XLA:CPU executable maps its own code, and a test process that keeps the programs
+    of its share of the suite reaches Linux's vm.max_map_count (65,530), where the next
+    mmap fails and the process dies with a segmentation fault (measured: 36,892 maps after
+    tests/test_rex.py and tests/test_truncated.py in one process). Not after every module:
+    clearing also drops JAX's own compiled helpers, which costs ~20% of the suite's time."""
+    if _memory_maps() > 30_000:
         jax.clear_caches()
         gc.collect()
 
