@@ -33,11 +33,17 @@ settings.load_profile("ci")
 
 
 #: tests of the second CI step (``python -m pytest -n 2 -q -m slow``): end-to-end runs of
-#: the docs' recipe pages, the README, the demo and CLI, multi-device subprocesses and the
-#: convergence-order fits on the MLP. The default run (``-m "not slow"`` in pyproject.toml)
-#: keeps every unit, gradient, property and compatibility test; CI runs both.
+#: the docs' recipe pages and the built site, the README, the demo and CLI, multi-device
+#: subprocesses and the convergence-order fits on the MLP. The default run (``-m "not slow"``
+#: in pyproject.toml) keeps every unit, gradient, property and compatibility test; CI runs
+#: both.
 SLOW = (
     "tests/test_docs.py::test_doc_page_runs[guides/",
+    # the built docs site: mkdocs build --strict, MathML, signatures, headless Chromium
+    "tests/test_docs.py::test_mkdocs_build_strict",
+    "tests/test_docs.py::test_site_has_mathml_and_needs_no_network",
+    "tests/test_docs.py::test_every_class_has_a_constructor_signature",
+    "tests/test_docs.py::test_site_in_a_browser",
     "tests/test_readme.py::",
     "tests/test_cli.py::test_train_tiny",
     "tests/test_cli.py::test_demo_writes_png_and_mmpmr_table",
@@ -49,6 +55,11 @@ SLOW = (
     "tests/test_sharding_split.py::test_every_entry_point_splits_the_batch_on_every_kind",
     "tests/test_sharding_split.py::test_every_solver_and_controller_splits_the_batch",
     "tests/test_sharding_split.py::test_two_processes_give_the_result_of_one",
+    "tests/test_sharding_split.py::test_model_parallel_parameters_keep_their_sharding",
+    "tests/test_sharding.py::test_sampling_with_x_T_sharded_over_four_cpu_devices",
+    "tests/test_adjoint_transforms.py::test_sharded_batch_gradient",
+    "tests/test_adaptive.py::test_adaptive_with_a_sharded_batch",
+    "tests/test_greedy.py::test_sharded_batch_matches_one_device",
     "tests/test_user_models.py::test_conv_unet_on_an_explicit_mesh",
     "tests/test_orders_mlp.py::",
     "tests/test_benchmarks_gpu_quick.py::",

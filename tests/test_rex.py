@@ -454,9 +454,9 @@ def _rex_grads(solver, adjoint, n, dtype=jnp.float64):
 
 @pytest.mark.parametrize(
     "solver,n",
-    [(jadeis.SDERex(), 5), (jadeis.SDERex(), 20), (jadeis.SDERex(scheme="euler"), 10),
+    [(jadeis.SDERex(), 20), (jadeis.SDERex(scheme="euler"), 10),
      (jadeis.Rex(coupling=0.5), 40), (jadeis.Rex(coupling=0.2), 20)],
-    ids=["sderex-5", "sderex-20", "sderex-em-10", "rex-0.5-40", "rex-0.2-20"],
+    ids=["sderex-20", "sderex-em-10", "rex-0.5-40", "rex-0.2-20"],
 )
 def test_reversible_adjoint_keeps_exact_states_where_the_inverse_amplifies(solver, n):
     """The inverse amplifies rounding by (tau_n+1 / tau_n)^2 / zeta per step (the Lawson
