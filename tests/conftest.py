@@ -34,7 +34,8 @@ settings.load_profile("ci")
 
 #: tests of the second CI step (``python -m pytest -n 2 -q -m slow``): end-to-end runs of
 #: the docs' recipe pages and the built site, the README, the demo and CLI, multi-device
-#: subprocesses and the convergence-order fits on the MLP. The default run (``-m "not slow"``
+#: subprocesses, and the convergence-order fits (fitted slopes over several grids, on the
+#: Gaussian oracle and the MLP). The default run (``-m "not slow"``
 #: in pyproject.toml) keeps every unit, gradient, property and compatibility test; CI runs
 #: both.
 SLOW = (
@@ -62,6 +63,15 @@ SLOW = (
     "tests/test_greedy.py::test_sharded_batch_matches_one_device",
     "tests/test_user_models.py::test_conv_unet_on_an_explicit_mesh",
     "tests/test_orders_mlp.py::",
+    # convergence orders as fitted slopes on the oracles
+    "tests/test_samplers.py::test_measured_order",
+    "tests/test_samplers.py::test_third_order_beats_second_order_full_range",
+    "tests/test_unipc.py::test_measured_order",
+    "tests/test_adjoint_oracle.py::test_adjoint_deis_order",
+    "tests/test_adjoint_oracle.py::test_sde_adjoint_converges_to_pathwise_gradient",
+    "tests/test_rex.py::test_orders_on_the_gaussian_oracle",
+    "tests/test_rex.py::test_base_scheme_orders_noise_form",
+    "tests/test_adaptive.py::test_fixed_grid_order_",
     "tests/test_benchmarks_gpu_quick.py::",
     "tests/test_benchmarks_peers.py::",
     "tests/test_adjoint_errors.py::test_every_solver_accepts_its_own_path[f32]",

@@ -198,10 +198,10 @@ def _rel(a, b):
 @pytest.mark.parametrize(
     "inner,adjoint",
     [
+        # SinglestepDPMSolver(2, "noise") and Rex("rk3") with a PIDController are cells of
+        # docs/compatibility.md (tests/test_compatibility.py)
         (jadeis.SinglestepDPMSolver(3, "data"), jadeis.DiscreteAdjoint()),
-        (jadeis.SinglestepDPMSolver(2, "noise"), jadeis.DiscreteAdjoint()),
         (jadeis.Rex("midpoint"), jadeis.ReversibleAdjoint()),
-        (jadeis.Rex("rk3"), jadeis.DiscreteAdjoint()),
     ],
 )
 def test_adaptive_gradient_is_backprop_on_accepted_grid(inner, adjoint):
