@@ -130,3 +130,19 @@ def test_guide_stops_at_the_first_non_finite_loss():
             wrt="x_T",
             progress=False,
         )
+
+
+def test_a_grid_checked_once_is_checked_again_when_it_can_change():
+    """sample remembers the last (ts, schedule) pairs that passed its host-side checks by
+    identity (a JAX array is immutable): a NumPy grid changed in place after a successful
+    call is checked again, and a new schedule with the same grid is checked on its own."""
+    ts = np.array(jadeis.time_grid(SCH, 5))  # a writable copy
+    run(ts=ts)
+    ts[2] = ts[0]  # no longer strictly decreasing
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        run(ts=ts)
+    grid = jadeis.time_grid(SCH, 5)
+    run(ts=grid)
+    run(ts=grid)  # the same objects: the remembered check
+    with pytest.raises(ValueError, match="outside the schedule's range"):
+        run(ts=grid, schedule=jadeis.VPLinear(t_max=0.5))

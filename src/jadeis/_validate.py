@@ -9,6 +9,7 @@ a small array, never to the sampler's state (so a sharded batch is never gathere
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import logging
@@ -64,12 +65,25 @@ def check_adjoint(adjoint, where: str):
         )
 
 
+#: the last concrete (ts, schedule) pairs that passed :func:`check_ts`, by identity: a JAX
+#: array and a schedule are immutable, so a repeated call with the same objects (a sampling
+#: loop, guidance) skips the host-side checks, which cost ~1 ms of eager dispatch per call
+_CHECKED: collections.OrderedDict = collections.OrderedDict()
+_CHECKED_SIZE = 16
+
+
 def check_ts(ts, schedule: AbstractSchedule, where: str):
     """Shape and dtype of ``ts``; its values too when they are concrete: finite, strictly
     decreasing, inside the schedule's range compared in ``ts``'s own dtype (a float32 grid
     from :func:`jadeis.time_grid` is accepted whichever way its end points round), and a
     finite log-SNR at the end points (a final time of exactly 0 is the clean data,
     ``final="zero"``)."""
+    key = (id(ts), id(schedule), bool(jax.config.jax_enable_x64))
+    hit = _CHECKED.get(key)
+    if hit is not None and hit[0] is ts and hit[1] is schedule:
+        _CHECKED.move_to_end(key)
+        return hit[2]
+    given = ts
     check_schedule(schedule, where)
     ts = jnp.asarray(ts)
     if ts.ndim != 1 or ts.shape[0] < 2:
@@ -98,6 +112,10 @@ def check_ts(ts, schedule: AbstractSchedule, where: str):
                 f"wider range."
             )
         check_log_snr_finite(schedule, ts, where)
+        if isinstance(given, jax.Array):  # immutable (a NumPy array could change in place)
+            _CHECKED[key] = (given, schedule, ts)
+            while len(_CHECKED) > _CHECKED_SIZE:
+                _CHECKED.popitem(last=False)
     return ts
 
 
