@@ -35,9 +35,8 @@ settings.load_profile("ci")
 #: tests of the second CI step (``python -m pytest -n 2 -q -m slow``): end-to-end runs of
 #: the docs' recipe pages and the built site, the README, the demo and CLI, multi-device
 #: subprocesses, and the convergence-order fits (fitted slopes over several grids, on the
-#: Gaussian oracle and the MLP). The default run (``-m "not slow"``
-#: in pyproject.toml) keeps every unit, gradient, property and compatibility test; CI runs
-#: both.
+#: Gaussian oracle and the MLP). The default run (``-m "not slow"`` in pyproject.toml)
+#: keeps every unit, gradient, property and compatibility test; CI runs both.
 SLOW = (
     "tests/test_docs.py::test_doc_page_runs[guides/",
     # the built docs site: mkdocs build --strict, MathML, signatures, headless Chromium

@@ -13,6 +13,7 @@ import collections
 import contextlib
 import contextvars
 import logging
+import threading
 
 import equinox as eqx
 import jax
@@ -66,10 +67,19 @@ def check_adjoint(adjoint, where: str):
 
 
 #: the last concrete (ts, schedule) pairs that passed :func:`check_ts`, by identity: a JAX
-#: array and a schedule are immutable, so a repeated call with the same objects (a sampling
-#: loop, guidance) skips the host-side checks, which cost ~1 ms of eager dispatch per call
+#: array and a schedule of JAX arrays and Python numbers are immutable, so a repeated call
+#: with the same objects (a sampling loop, guidance) skips the host-side checks, which cost
+#: ~1 ms of eager dispatch per call
 _CHECKED: collections.OrderedDict = collections.OrderedDict()
 _CHECKED_SIZE = 16
+_CHECKED_LOCK = threading.Lock()
+
+
+def _immutable(ts, schedule) -> bool:
+    # a NumPy array (as ts or inside the schedule) could change in place
+    return isinstance(ts, jax.Array) and all(
+        isinstance(v, (jax.Array, bool, int, float)) for v in jax.tree.leaves(schedule)
+    )
 
 
 def check_ts(ts, schedule: AbstractSchedule, where: str):
@@ -79,10 +89,11 @@ def check_ts(ts, schedule: AbstractSchedule, where: str):
     finite log-SNR at the end points (a final time of exactly 0 is the clean data,
     ``final="zero"``)."""
     key = (id(ts), id(schedule), bool(jax.config.jax_enable_x64))
-    hit = _CHECKED.get(key)
-    if hit is not None and hit[0] is ts and hit[1] is schedule:
-        _CHECKED.move_to_end(key)
-        return hit[2]
+    with _CHECKED_LOCK:
+        hit = _CHECKED.get(key)
+        if hit is not None and hit[0] is ts and hit[1] is schedule:
+            _CHECKED.move_to_end(key)
+            return hit[2]
     given = ts
     check_schedule(schedule, where)
     ts = jnp.asarray(ts)
@@ -112,10 +123,11 @@ def check_ts(ts, schedule: AbstractSchedule, where: str):
                 f"wider range."
             )
         check_log_snr_finite(schedule, ts, where)
-        if isinstance(given, jax.Array):  # immutable (a NumPy array could change in place)
-            _CHECKED[key] = (given, schedule, ts)
-            while len(_CHECKED) > _CHECKED_SIZE:
-                _CHECKED.popitem(last=False)
+        if _immutable(given, schedule):
+            with _CHECKED_LOCK:
+                _CHECKED[key] = (given, schedule, ts)
+                while len(_CHECKED) > _CHECKED_SIZE:
+                    _CHECKED.popitem(last=False)
     return ts
 
 
